@@ -1,0 +1,178 @@
+"""ckpt command line: dump, restore, info, verify, check, demo."""
+import json
+import os
+import signal
+import sys
+import time
+
+import click
+
+from ckpt.errors import CkptError
+
+
+class _Signals:
+    """SIGINT/SIGTERM during a dump are remembered and acted on at the next safe point, so that
+    the target is always released and the partial image removed."""
+
+    def __init__(self):
+        self.sig = None
+        self.old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            self.old[s] = signal.signal(s, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        self.sig = signum
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+    def __call__(self):
+        return self.sig
+
+
+def _fail(e):
+    click.echo("ckpt: error: %s" % e, err=True)
+    sys.exit(1)
+
+
+class _Progress:
+    def __init__(self, enabled):
+        self.enabled = enabled
+
+    def __call__(self, info):
+        if not self.enabled:
+            return
+        ev = info.get("event")
+        if ev == "arm":
+            click.echo("armed: %d pages to stream" % info["pages"], err=True)
+        elif ev == "round":
+            click.echo("\rround %d: %d pages in %.1f ms        " % (info["round"], info["pages"], info["ms"]),
+                       err=True, nl=False)
+        elif ev == "frozen":
+            click.echo("\nfrozen", err=True)
+
+
+@click.group()
+@click.version_option(package_name="ckpt")
+def main():
+    """Live process checkpointer: dump a running process while it runs, freezing it only briefly."""
+
+
+@main.command()
+@click.argument("pid", type=int)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="image file to write")
+@click.option("--leave-running", is_flag=True, help="resume the process after the dump instead of killing it")
+@click.option("--max-pause", "max_pause", default=10.0, show_default=True, type=float,
+              help="pause budget in ms: freeze once the predicted final copy fits")
+@click.option("--rounds", default=8, show_default=True, type=click.IntRange(0, 1000),
+              help="most copy rounds after round 0")
+@click.option("--mode", default="auto", show_default=True,
+              type=click.Choice(["auto", "async", "sync", "stop-the-world"]))
+@click.option("--verify", is_flag=True, help="re-read all memory while frozen and compare it with the image")
+@click.option("--compress", default="lz4", show_default=True, type=click.Choice(["lz4", "none"]))
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object with the results")
+def dump(pid, output, leave_running, max_pause, rounds, mode, verify, compress, as_json):
+    """Dump process PID into an image while it keeps running."""
+    from ckpt.dump.session import DumpOptions
+    from ckpt.dump.session import dump as do_dump
+    with _Signals() as sigs:
+        opts = DumpOptions(output=output, leave_running=leave_running, max_pause_ms=max_pause, rounds=rounds,
+                           mode=mode, verify=verify, compress=compress,
+                           progress=_Progress(sys.stderr.isatty() and not as_json), interrupted=sigs)
+        try:
+            res = do_dump(pid, opts)
+        except CkptError as e:
+            _fail(e)
+    if as_json:
+        click.echo(json.dumps(res))
+        return
+    click.echo("dumped process %d (%s mode) to %s" % (pid, res["mode"], res["image"]))
+    click.echo("  rounds (pages): %s" % ", ".join(str(r) for r in res["rounds"]))
+    click.echo("  freeze window: %.3f ms" % res["freeze_ms"])
+    click.echo("  pages written: %d (%.1f MiB), image %.1f MiB, live copy %s GB/s, total %.2f s"
+               % (res["pages_written"], res["bytes_written"] / 2**20, res["image_bytes"] / 2**20,
+                  res["live_copy_gbps"], res["elapsed_s"]))
+    if res["verified"]:
+        click.echo("  verified: %d pages equal the frozen process" % res["pages_verified"])
+    click.echo("  process %s" % ("left running" if res["left_running"] else "killed"))
+
+
+@main.command()
+@click.argument("image", type=click.Path())
+@click.option("--json", "as_json", is_flag=True)
+def info(image, as_json):
+    """Show what an image holds."""
+    from ckpt.image.info import describe
+    try:
+        d = describe(image)
+    except CkptError as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(d))
+        return
+    p = d["process"]
+    click.echo("image %s: %d bytes, format %d, made on %s (%s)" % (image, d["bytes"], d["format"], d["kernel"], d["arch"]))
+    click.echo("process %s (%s) %s" % (p.get("pid"), p.get("comm"), " ".join(p.get("cmdline", []))))
+    click.echo("  threads: %s" % ", ".join(str(t) for t in d["threads"]))
+    dm = d.get("dump", {})
+    click.echo("  dump mode %s, rounds (pages) %s" % (dm.get("mode"), [r["pages"] for r in dm.get("rounds", [])]))
+    click.echo("  pages held: %d (%d zero), payload %d bytes" % (d["pages"], d["zero_pages"], d["payload_bytes"]))
+    click.echo("  mappings:")
+    for m in d["mappings"]:
+        click.echo("    %016x-%016x %s %-12s %6d pages  %s" % (m["start"], m["end"], m["perms"], m["kind"],
+                                                             m["pages_in_image"], m["path"]))
+    click.echo("  fds:")
+    for f in d["fds"]:
+        click.echo("    %3d %-10s %s" % (f["fd"], f["kind"], f.get("path", "")))
+
+
+@main.command()
+@click.argument("image", type=click.Path())
+def verify(image):
+    """Check every checksum of an image; exit non-zero on damage."""
+    from ckpt.image.reader import ImageReader
+    try:
+        with ImageReader(image) as r:
+            res = r.verify()
+    except CkptError as e:
+        _fail(e)
+    click.echo("%s: ok (%d records, %d bytes)" % (image, res["records"], res["bytes"]))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def check(as_json):
+    """Report what this kernel offers and which dump modes follow."""
+    from ckpt.kernel.features import probe
+    f = probe()
+    if as_json:
+        click.echo(json.dumps(f))
+    else:
+        click.echo("kernel %s" % f["kernel"])
+        for name, c in f["checks"].items():
+            click.echo("  %-22s %s%s" % (name, "yes" if c["ok"] else "no", "" if c["ok"] else "  (%s)" % c["why"]))
+        click.echo("dump modes available: %s" % ", ".join(f["modes"]))
+        click.echo("live mode: %s" % ("async (WP_ASYNC + PAGEMAP_SCAN)" if f["async"] else
+                                       "sync (uffd-wp)" if f["sync"] else "none: stop-the-world only"))
+    sys.exit(0 if (f["async"] or f["sync"]) else 1)
+
+
+@main.command()
+@click.option("--size-mb", default=256, show_default=True, help="memory of the built-in target")
+@click.option("--workdir", default=None, type=click.Path(file_okay=False), help="where images go")
+def demo(size_mb, workdir):
+    """Dump a built-in target that writes memory hard, live and stop-the-world, side by side."""
+    from ckpt.demo import run_demo
+    try:
+        ok = run_demo(size_mb=size_mb, workdir=workdir, echo=click.echo)
+    except CkptError as e:
+        _fail(e)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""The save algorithm: attach, arm, rounds, freeze, final copy, finish.
+
+  arm      inject userfaultfd into the target and take it; register every mapping that can
+           be; write-protect all of it in one PAGEMAP_SCAN(WP_MATCHING)
+  round 0  stream every page whose content is not known from elsewhere, while the target runs
+  round k  scan for pages written meanwhile (re-arming them in the same call) and copy them;
+           stop when the predicted final copy fits the pause budget, when a round makes no
+           progress, or after --rounds
+  freeze   interrupt every thread; capture thread and process state; final scan; copy the
+           written pages and everything tracking cannot see (shared memory, new mappings)
+  finish   trailer, rename; then kill the target, or lift all protection and resume it
+"""
+import bisect
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from ckpt import __version__
+from ckpt.dump import copy as copymod
+from ckpt.dump.freeze import O_CLOEXEC, O_NONBLOCK, Freezer, check_target, steal_uffd
+from ckpt.dump.tracker import AsyncTracker, NoTracker, SyncTracker
+from ckpt.dump.verify import verify_frozen
+from ckpt.errors import CkptError, DumpInterrupted, KernelFeatureError, TargetError
+from ckpt.image.reader import ImageReader
+from ckpt.image.writer import ImageWriter
+from ckpt.kernel import features, pagemap, procfs
+from ckpt.kernel.native import PAGE_SIZE
+from ckpt.kernel.ptrace import find_syscall_insn
+from ckpt.kernel.uffd import USER_MODE_ONLY
+from ckpt.state.files import dump_fds, refuse_untrackable
+from ckpt.state.process import dump_process, exe_identity
+from ckpt.state.threads import dump_thread
+
+TRACKABLE = ("anon", "file-private")
+MODES = ("auto", "async", "sync", "stop-the-world")
+
+
+@dataclass
+class DumpOptions:
+    output: str
+    leave_running: bool = False
+    max_pause_ms: float = 10.0
+    rounds: int = 8
+    mode: str = "auto"
+    verify: bool = False
+    compress: str = "lz4"
+    progress: Optional[Callable] = None
+    interrupted: Callable = field(default=lambda: None)   # returns a signal number or None
+
+
+class _Coverage:
+    """Ranges registered with the uffd, to tell which current mappings are tracked."""
+
+    def __init__(self, registered):
+        merged = []
+        for s, e in sorted(registered):
+            if merged and s <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], e)
+            else:
+                merged.append([s, e])
+        self.starts = [s for s, _ in merged]
+        self.merged = merged
+
+    def covers(self, v):
+        i = bisect.bisect_right(self.starts, v.start) - 1
+        return i >= 0 and self.merged[i][1] >= v.end
+
+
+class Dump:
+    def __init__(self, pid, opts):
+        self.pid = pid
+        self.opts = opts
+        self.tracker = None
+        self.freezer = Freezer(pid)
+        self.writer = None
+        self.copier = None
+        self.rounds = []          # per round: {"round", "pages", "ms"}
+        self.mode = None
+        self.t0 = time.perf_counter()
+        self.result = {}
+
+    # ------------------------------------------------------------------ helpers
+    def _progress(self, **info):
+        if self.opts.progress:
+            self.opts.progress(info)
+
+    def _check(self):
+        sig = self.opts.interrupted()
+        if sig:
+            raise DumpInterrupted("interrupted by signal %d; dump abandoned, process %d left running as before"
+                                  % (sig, self.pid))
+
+    def _choose_mode(self):
+        mode = self.opts.mode
+        if mode not in MODES:
+            raise CkptError("unknown mode %r (choose from %s)" % (mode, ", ".join(MODES)))
+        feats = features.probe()
+        if mode == "auto":
+            if feats["async"]:
+                return "async"
+            if feats["sync"] and _privileged(self.pid):
+                return "sync"
+            return "stop-the-world"
+        if mode == "async" and not feats["async"]:
+            raise KernelFeatureError("async mode needs userfaultfd WP_ASYNC and PAGEMAP_SCAN (Linux 6.7+); "
+                                     "use --mode sync or --mode stop-the-world")
+        if mode == "sync":
+            if not feats["sync"]:
+                raise KernelFeatureError("sync mode needs userfaultfd write-protect (Linux 5.7+)")
+            if not _privileged(self.pid):
+                raise KernelFeatureError("sync mode needs a privileged target (CAP_SYS_PTRACE) on this system "
+                                         "(vm.unprivileged_userfaultfd=0); use --mode async")
+        return mode
+
+    def _trackable(self, maps):
+        return [v for v in maps if v.kind in TRACKABLE]
+
+    def _coverage(self):
+        return _Coverage(self.tracker.registered.keys() if hasattr(self.tracker, "registered") else [])
+
+    def _copy_round(self, index, runs, extra_pages=0, t_start=None):
+        t = time.perf_counter() if t_start is None else t_start
+        pages = self.copier.copy(runs, check=self._check) + extra_pages
+        ms = (time.perf_counter() - t) * 1000
+        info = {"round": index, "pages": pages, "ms": round(ms, 3)}
+        self.rounds.append(info)
+        self.writer.add_round(info)
+        self._progress(event="round", **info)
+        return pages, ms
+
+    # ------------------------------------------------------------------ phases
+    def run(self):
+        maps = check_target(self.pid)
+        refuse_untrackable(self.pid, maps)
+        self.mode = self._choose_mode()
+        out_dir = os.path.dirname(os.path.abspath(self.opts.output))
+        try:
+            self.writer = ImageWriter(self.opts.output, compress=self.opts.compress, tool_version=__version__)
+        except OSError as e:
+            raise CkptError("cannot create the image in %s: %s" % (out_dir, e.strerror)) from None
+        try:
+            self.insn = find_syscall_insn(self.pid, maps)
+            self.copier = copymod.Copier(self.pid, self.writer)
+            if self.mode == "stop-the-world":
+                self.tracker = NoTracker()
+            else:
+                self._arm(maps)
+                self._live_rounds()
+            self._check()
+            self._frozen_phase()
+        except BaseException as e:
+            self._abandon()
+            if isinstance(e, OSError) and not isinstance(e, CkptError):
+                raise CkptError("dump of process %d failed: %s" % (self.pid, _os_message(e))) from e
+            raise
+        finally:
+            if self.copier:
+                self.copier.close()
+        return self.result
+
+    def _arm(self, maps):
+        self._check()
+        flags = O_CLOEXEC | O_NONBLOCK
+        if self.mode == "async":
+            flags |= USER_MODE_ONLY
+        fd = steal_uffd(self.pid, maps, flags)
+        try:
+            self.tracker = (AsyncTracker if self.mode == "async" else SyncTracker)(fd, self.pid)
+        except BaseException:
+            os.close(fd)
+            raise
+        t = time.perf_counter()
+        ok, _refused = self.tracker.arm(self._trackable(maps))
+        # round 0: every page whose content is not known from elsewhere, while the target runs
+        runs = copymod.content_runs(self.tracker.pm, ok)
+        self._progress(event="arm", pages=pagemap.count_pages(runs))
+        self._copy_round(0, runs, t_start=t)
+
+    def _live_rounds(self):
+        prev = None
+        t_scan_prev = time.perf_counter()
+        for k in range(1, self.opts.rounds + 1):
+            self._check()
+            t = time.perf_counter()
+            maps = procfs.read_maps(self.pid)
+            cov = self._coverage()
+            new = [v for v in self._trackable(maps) if not cov.covers(v)]
+            tracked = [v for v in self._trackable(maps) if cov.covers(v)]
+            untracked, runs = self.tracker.written(tracked)
+            t_scan = time.perf_counter()
+            # new or moved mappings: arm them, then copy all their content
+            ok, _ = self.tracker.add(new + untracked)
+            runs = runs + copymod.content_runs(self.tracker.pm, ok)
+            pages, ms = self._copy_round(k, runs, t_start=t)
+            interval = max(t_scan - t_scan_prev, 1e-6)
+            t_scan_prev = t_scan
+            copy_s = time.perf_counter() - t_scan
+            per_page_s = (copy_s / pages) if pages else 0.0
+            # pages written during the next interval, which lasts about as long as this copy
+            predicted_pages = pages / interval * copy_s
+            predicted_ms = predicted_pages * max(per_page_s, 1e-6) * 1000 + 1.0
+            if predicted_ms <= self.opts.max_pause_ms:
+                break
+            if prev is not None and pages >= prev and k >= 2:
+                break   # the dirty set no longer shrinks
+            prev = pages
+
+    def _frozen_phase(self):
+        self._check()
+        self.freezer.freeze()
+        self._progress(event="frozen")
+        threads = self.freezer.threads
+        t_frozen = time.perf_counter()
+        # state first: the injected calls borrow (and give back) scratch bytes on thread stacks
+        thread_state = [dump_thread(self.pid, t, self.insn) for t in threads.values()]
+        process_state = dump_process(self.pid, self.freezer.leader, self.insn)
+        process_state["exe_file"] = exe_identity(self.pid)
+        fds = dump_fds(self.pid)
+        maps = procfs.read_maps(self.pid, with_identity=True)
+        cov = self._coverage()
+        tracked = [v for v in self._trackable(maps) if cov.covers(v)]
+        full = [v for v in maps if v.kind in TRACKABLE + ("shmem",) and not cov.covers(v)]
+        untracked, runs = self.tracker.final(tracked)
+        runs = runs + copymod.content_runs(self.copier_pm(), full + untracked)
+        final = []
+        pages = self.copier.copy(runs, sink=final)
+        copy_ms = (time.perf_counter() - t_frozen) * 1000
+        self.rounds.append({"round": len(self.rounds), "pages": pages, "ms": round(copy_ms, 3), "final": True})
+
+        def write_tail():
+            for addr, data in final:
+                copymod.emit_pages(self.writer, addr, data)
+            self.writer.add_round(self.rounds[-1])
+            self.writer.add_meta("process", process_state)
+            self.writer.add_meta("threads", thread_state)
+            self.writer.add_meta("mappings", [v.to_json() for v in maps])
+            self.writer.add_meta("fds", fds)
+            self.writer.add_meta("dump", {"mode": self.mode, "rounds": self.rounds, "pid": self.pid,
+                                          "leave_running": self.opts.leave_running,
+                                          "verified": self.opts.verify,
+                                          "unreadable_pages": self.copier.unreadable_pages})
+
+        verified = False
+        if self.opts.verify:
+            write_tail()
+            self.writer.finish()
+            with ImageReader(self.writer.tmp_path) as reader:
+                self.result["pages_verified"] = verify_frozen(self.pid, maps, reader)
+            verified = True
+            self._check()
+            self._release_and_commit()
+        else:
+            if self.opts.leave_running:
+                self._release()
+                write_tail()
+                self.writer.finish()
+                self._commit()
+            else:
+                write_tail()
+                self.writer.finish()
+                self._check()
+                self._commit()
+                self._release()
+        self.result.update({
+            "pid": self.pid, "mode": self.mode, "image": os.path.abspath(self.opts.output),
+            "freeze_ms": round(self.freezer.freeze_ms, 3),
+            "rounds": [r["pages"] for r in self.rounds],
+            "round_ms": [r["ms"] for r in self.rounds],
+            "pages_written": sum(r["pages"] for r in self.rounds),
+            "bytes_written": sum(r["pages"] for r in self.rounds) * PAGE_SIZE,
+            "image_bytes": self.writer.offset,
+            "elapsed_s": round(time.perf_counter() - self.t0, 4),
+            "verified": verified, "threads": len(thread_state),
+            "left_running": self.opts.leave_running,
+        })
+        live = [r for r in self.rounds if not r.get("final")]
+        live_pages = sum(r["pages"] for r in live)
+        live_s = sum(r["ms"] for r in live) / 1000
+        self.result["live_copy_gbps"] = round(live_pages * PAGE_SIZE / live_s / 1e9, 3) if live_s else None
+
+    def copier_pm(self):
+        if getattr(self.tracker, "pm", None) is not None:
+            return self.tracker.pm
+        if not hasattr(self, "_pm"):
+            self._pm = pagemap.Pagemap(self.pid)
+        return self._pm
+
+    def _release_and_commit(self):
+        if self.opts.leave_running:
+            self._release()
+            self._commit()
+        else:
+            self._commit()
+            self._release()
+
+    def _commit(self):
+        self.writer.commit()
+
+    def _release(self):
+        """End the freeze: resume the target (protection lifted, uffd closed) or kill it."""
+        if self.opts.leave_running:
+            self.freezer.thaw()
+        else:
+            self.freezer.kill()
+        tr, self.tracker = self.tracker, None
+        if tr is not None:
+            tr.disarm()
+        if hasattr(self, "_pm"):
+            self._pm.close()
+
+    def _abandon(self):
+        """Failure or interruption: the target goes on exactly as before, no image is left."""
+        try:
+            self.freezer.thaw()
+        finally:
+            try:
+                if self.tracker is not None:
+                    self.tracker.disarm()
+                    self.tracker = None
+            finally:
+                if self.writer is not None:
+                    self.writer.abort()
+                if hasattr(self, "_pm"):
+                    self._pm.close()
+
+
+def _privileged(pid):
+    try:
+        caps = int(procfs.status(pid).get("CapEff", "0"), 16)
+    except CkptError:
+        return False
+    return bool(caps & (1 << 19))  # CAP_SYS_PTRACE
+
+
+def _os_message(e):
+    return "%s%s" % (e.strerror or e, (" (%s)" % e.filename) if getattr(e, "filename", None) else "")
+
+
+def dump(pid, opts):
+    if not isinstance(pid, int) or pid <= 0:
+        raise TargetError("invalid PID %r" % (pid,))
+    return Dump(pid, opts).run()

@@ -1,0 +1,181 @@
+"""Trackers: what flags the pages the target writes while memory is streamed out.
+
+The proposal's fault handler, in three forms:
+  AsyncTracker  uffd-wp with WP_ASYNC: the kernel flags the page and lets the write go on;
+                PAGEMAP_SCAN(PAGE_IS_WRITTEN, WP_MATCHING) reads and re-arms the flags.
+  SyncTracker   plain uffd-wp: a native thread receives each write fault, flags the page,
+                lifts the protection and wakes the writer (kernels without WP_ASYNC).
+  NoTracker     stop-the-world: nothing is tracked; everything is copied while frozen.
+
+All share one interface: arm(vmas), add(vmas), written(vmas), final(vmas), disarm().
+`written` and `final` return (untracked, runs): the mappings found unregistered (their
+pages must all be copied) and the (addr, length) runs written since the previous call.
+"""
+import errno
+import os
+
+from ckpt.errors import KernelFeatureError
+from ckpt.kernel import pagemap
+from ckpt.kernel.native import PAGE_SIZE, check, ffi, lib
+from ckpt.kernel.uffd import ASYNC_FEATURES, SYNC_FEATURES, Uffd
+
+
+def _ranges(vmas):
+    return [(v.start, v.end) for v in vmas]
+
+
+class _UffdTracker:
+    def __init__(self, uffd_fd, pid, features):
+        self.uffd = Uffd(uffd_fd)
+        got = self.uffd.api(features)
+        if got & features != features:
+            self.uffd.close()
+            raise KernelFeatureError("userfaultfd lacks features %#x" % (features & ~got))
+        self.pid = pid
+        self.pm = pagemap.Pagemap(pid)
+        self.registered = {}   # (start, end) -> True for every range we registered
+
+    def _register(self, vmas):
+        """Register what can be; return (registered, refused) mappings."""
+        ok, refused = [], []
+        for v in vmas:
+            r = self.uffd.register(v.start, v.size)
+            if r == 0:
+                self.registered[v.key()] = True
+                ok.append(v)
+            else:
+                refused.append(v)
+        return ok, refused
+
+    def disarm(self):
+        """Unregister every range (this also lifts the protection) and close the uffd."""
+        for start, end in list(self.registered):
+            self.uffd.unregister(start, end - start)
+        self.registered.clear()
+        self.pm.close()
+        self.uffd.close()
+
+
+class AsyncTracker(_UffdTracker):
+    mode = "async"
+
+    def __init__(self, uffd_fd, pid):
+        super().__init__(uffd_fd, pid, ASYNC_FEATURES)
+
+    def arm(self, vmas):
+        """Register and protect; return the mappings that could not be registered."""
+        ok, refused = self._register(vmas)
+        # bulk protect: every page not yet protected counts as written; re-arm them all
+        self.pm.scan(_ranges(ok), flags=pagemap.WP_MATCHING, mask=pagemap.WRITTEN,
+                     ret_mask=pagemap.WRITTEN, vec=False)
+        return ok, refused
+
+    add = arm
+
+    def _scan(self, vmas, flags):
+        """Scan for written pages; a mapping found unregistered (EPERM) is returned apart."""
+        untracked, regions = [], []
+        ranges = _ranges(vmas)
+        i = 0
+        while i < len(ranges):
+            try:
+                regions += self.pm.scan(ranges[i:], flags=flags | pagemap.CHECK_WPASYNC,
+                                        mask=pagemap.WRITTEN, ret_mask=pagemap.WRITTEN)
+                break
+            except pagemap.ScanError as e:
+                if e.errno != errno.EPERM:
+                    raise
+                j = i + e.range_index
+                untracked.append(vmas[j])
+                i = j + 1
+        return untracked, [(s, e - s) for s, e, _ in regions]
+
+    def written(self, vmas):
+        return self._scan(vmas, pagemap.WP_MATCHING)
+
+    def final(self, vmas):
+        # frozen: nothing will write again, no need to re-arm
+        return self._scan(vmas, 0)
+
+
+class SyncTracker(_UffdTracker):
+    mode = "sync"
+
+    def __init__(self, uffd_fd, pid):
+        super().__init__(uffd_fd, pid, SYNC_FEATURES)
+        fl = os.get_blocking(uffd_fd)
+        if fl:
+            os.set_blocking(uffd_fd, False)
+        self.thread = lib.ck_tracker_start(uffd_fd)
+        if self.thread == ffi.NULL:
+            raise OSError(errno.ENOMEM, "cannot start the tracker thread")
+        self._buf = ffi.new("uint64_t[]", 1 << 16)
+
+    def arm(self, vmas):
+        ok, refused = self._register(vmas)
+        for v in ok:
+            check(self.uffd.protect(v.start, v.size, True), "UFFDIO_WRITEPROTECT")
+        return ok, refused
+
+    add = arm
+
+    def _drain(self):
+        pages = set()
+        while True:
+            n = lib.ck_tracker_drain(self.thread, self._buf, 1 << 16)
+            pages.update(ffi.unpack(self._buf, n))
+            if n < (1 << 16):
+                break
+        err = lib.ck_tracker_error(self.thread)
+        if err:
+            raise OSError(err, "uffd tracker thread: %s" % os.strerror(err))
+        return _pages_to_runs(sorted(pages))
+
+    def written(self, vmas):
+        runs = self._drain()
+        # re-arm before the caller copies: a write after this point faults again
+        self.uffd.protect_runs(runs, True)
+        return [], runs
+
+    def final(self, vmas):
+        return [], self._drain()
+
+    @property
+    def faults(self):
+        return lib.ck_tracker_faults(self.thread)
+
+    def disarm(self):
+        # unregister first: it wakes any writer still blocked on a fault; then stop the thread
+        for start, end in list(self.registered):
+            self.uffd.unregister(start, end - start)
+        self.registered.clear()
+        lib.ck_tracker_stop(self.thread)
+        self.pm.close()
+        self.uffd.close()
+
+
+class NoTracker:
+    mode = "stop-the-world"
+
+    def arm(self, vmas):
+        return [], list(vmas)
+
+    add = arm
+
+    def written(self, vmas):
+        return list(vmas), []
+
+    final = written
+
+    def disarm(self):
+        pass
+
+
+def _pages_to_runs(pages):
+    runs = []
+    for p in pages:
+        if runs and runs[-1][0] + runs[-1][1] == p:
+            runs[-1][1] += PAGE_SIZE
+        else:
+            runs.append([p, PAGE_SIZE])
+    return [tuple(r) for r in runs]

@@ -1,0 +1,140 @@
+"""Verification while frozen: read all memory again and compare it with the image.
+
+For every page the process can see, the image (assembled: later records supersede earlier
+ones) or the page's source (zero for anonymous memory, the file for unmodified private file
+pages) must hold exactly what the page holds now.
+"""
+import bisect
+import os
+
+from ckpt.errors import VerifyError
+from ckpt.image import format as fmt
+from ckpt.kernel import pagemap, procfs
+from ckpt.kernel.memio import MemIO, first_diff_page
+from ckpt.kernel.native import PAGE_SIZE
+
+CHUNK = 8 << 20
+
+
+def _merge(runs):
+    out = []
+    for s, e in sorted(runs):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return out
+
+
+class _Expected:
+    """What restore would put at an address: image pages, else the mapping's source."""
+
+    def __init__(self, pid, reader):
+        self.pid = pid
+        self.reader = reader
+        self.extents = reader.extents()
+        self.starts = [s for s, _, _ in self.extents]
+        self._payload_seq = None
+        self._payload = None
+
+    def image_runs(self, start, end):
+        i = max(0, bisect.bisect_right(self.starts, start) - 1)
+        out = []
+        while i < len(self.extents) and self.extents[i][0] < end:
+            s, e, _ = self.extents[i]
+            if e > start:
+                out.append((max(s, start), min(e, end)))
+            i += 1
+        return out
+
+    def fill(self, vma, start, end, out, file_fd):
+        """Fill out[0:end-start] with the expected content."""
+        n = end - start
+        # source first
+        if vma.kind == "file-private" and not vma.deleted and file_fd is not None:
+            data = os.pread(file_fd, n, vma.offset + (start - vma.start))
+            out[:len(data)] = data
+            out[len(data):n] = bytes(n - len(data))
+        else:
+            out[:n] = bytes(n)
+        # then the image over it
+        for s, e in self.image_runs(start, end):
+            for a, chunk in self._image_bytes(s, e):
+                out[a - start:a - start + len(chunk)] = chunk
+
+    def _image_bytes(self, start, end):
+        i = max(0, bisect.bisect_right(self.starts, start) - 1)
+        while i < len(self.extents) and self.extents[i][0] < end:
+            s, e, seq = self.extents[i]
+            lo, hi = max(s, start), min(e, end)
+            if lo < hi:
+                off, addr, npages, rtype, _ = self.reader.records[seq]
+                if rtype == fmt.ZERO:
+                    yield lo, bytes(hi - lo)
+                else:
+                    if seq != self._payload_seq:
+                        self._payload = self.reader.payload(self.reader.record(seq))
+                        self._payload_seq = seq
+                    yield lo, self._payload[lo - addr:hi - addr]
+            i += 1
+
+
+def verify_frozen(pid, maps, reader):
+    """Compare every page of the frozen process with the image. Returns pages compared."""
+    exp = _Expected(pid, reader)
+    pm = pagemap.Pagemap(pid)
+    mem = MemIO(pid)
+    actual = bytearray(CHUNK)
+    expected = bytearray(CHUNK)
+    compared = 0
+    try:
+        for vma in maps:
+            if vma.kind in ("special", "file-shared"):
+                continue
+            if vma.kind in ("anon", "file-private") and not vma.deleted:
+                present = [(s, e) for s, e, _ in pm.scan([(vma.start, vma.end)],
+                                                         anyof=pagemap.PRESENT | pagemap.SWAPPED,
+                                                         ret_mask=pagemap.PRESENT)]
+                runs = _merge(present + exp.image_runs(vma.start, vma.end))
+            else:
+                runs = [[vma.start, vma.end]]
+            file_fd = None
+            if vma.kind == "file-private" and not vma.deleted:
+                try:
+                    file_fd = os.open(procfs.proc(pid, "map_files", "%x-%x" % (vma.start, vma.end)), os.O_RDONLY)
+                except OSError:
+                    file_fd = os.open(vma.path, os.O_RDONLY)
+            try:
+                for s, e in runs:
+                    for a in range(s, e, CHUNK):
+                        b = min(e, a + CHUNK)
+                        n = b - a
+                        if mem.read_runs([(a, n)], actual)[0]:
+                            # part of the run is not accessible (past the end of a file): page by page
+                            for p in range(a, b, PAGE_SIZE):
+                                pa = bytearray(PAGE_SIZE)
+                                if mem.read_runs([(p, PAGE_SIZE)], pa)[0]:
+                                    continue
+                                pe = bytearray(PAGE_SIZE)
+                                exp.fill(vma, p, p + PAGE_SIZE, pe, file_fd)
+                                if pa != pe:
+                                    _fail(pid, vma, p)
+                                compared += 1
+                            continue
+                        exp.fill(vma, a, b, expected, file_fd)
+                        i = first_diff_page(memoryview(actual)[:n], memoryview(expected)[:n], n // PAGE_SIZE)
+                        if i >= 0:
+                            _fail(pid, vma, a + i * PAGE_SIZE)
+                        compared += n // PAGE_SIZE
+            finally:
+                if file_fd is not None:
+                    os.close(file_fd)
+    finally:
+        pm.close()
+        mem.close()
+    return compared
+
+
+def _fail(pid, vma, addr):
+    raise VerifyError("verification failed: page %#x of process %d (%s mapping %#x-%#x %s) differs from the image"
+                      % (addr, pid, vma.kind, vma.start, vma.end, vma.path or "[anon]"))

@@ -1,0 +1,48 @@
+"""The ckpt image format, version 1.
+
+One file, written front to back (so it can stream), little-endian:
+
+  header   MAGIC (8) | version u32 | json length u32 | json | crc32 of all before u32
+           json: arch, page_size, kernel release, created, tool version
+  records  each: a 32-byte record header, `pad` zero bytes, then the payload
+           type u8 | comp u8 | pad u16 | npages u32 | addr u64 | payload length u64 |
+           payload crc32 u32 | crc32 of the 28 bytes before u32
+  trailer  a record of type TRAILER whose payload is the index: one entry per record
+           before it: offset u64 | addr u64 | npages u32 | type u8 | comp u8 | pad u16
+  footer   END_MAGIC (8) | trailer offset u64 | chain crc32 u32 | reserved u32
+
+Page records (PAGES, ZERO) hold runs of pages at an address; a later record for a page
+supersedes an earlier one, which is exactly what the dump's rounds produce. With comp NONE,
+payloads are page-aligned in the file so that they can be mapped.
+
+The chain checksum covers the whole file: it is the crc32 over the header bytes followed
+by every record header (each of which holds its payload's crc32), trailer included.
+"""
+import struct
+
+MAGIC = b"\x89CKPT\r\n\x1a"
+END_MAGIC = b"CKPTEND\x00"
+VERSION = 1
+
+HEADER_FIXED = struct.Struct("<8sII")
+REC = struct.Struct("<BBHIQQI")   # without its own crc
+REC_CRC = struct.Struct("<I")
+REC_SIZE = REC.size + REC_CRC.size  # 32
+INDEX_ENTRY = struct.Struct("<QQIBBH")
+FOOTER = struct.Struct("<8sQII")
+
+# record types
+META = 1      # JSON document, payload: json (comp may be LZ4)
+PAGES = 2     # page contents for [addr, addr + npages * page_size)
+ZERO = 3      # pages known to be all zero, no payload
+ROUND = 4     # JSON marker at the end of a round of the dump
+TRAILER = 0xFF
+
+TYPE_NAMES = {META: "meta", PAGES: "pages", ZERO: "zero", ROUND: "round", TRAILER: "trailer"}
+
+# compression
+NONE = 0
+LZ4 = 1
+COMP_NAMES = {"none": NONE, "lz4": LZ4}
+
+assert REC_SIZE == 32

@@ -1,0 +1,249 @@
+"""Reads and checks an image. Every refusal says what is wrong with the file."""
+import heapq
+import json
+import os
+import platform
+import zlib
+
+import lz4.frame
+
+from ckpt.errors import ImageError
+from ckpt.image import format as fmt
+
+
+class Record:
+    __slots__ = ("seq", "offset", "addr", "npages", "rtype", "comp", "pad", "length", "pcrc")
+
+    @property
+    def payload_offset(self):
+        return self.offset + fmt.REC_SIZE + self.pad
+
+    @property
+    def type_name(self):
+        return fmt.TYPE_NAMES.get(self.rtype, "type%d" % self.rtype)
+
+
+class ImageReader:
+    def __init__(self, path):
+        self.path = path
+        try:
+            self.f = open(path, "rb")
+        except FileNotFoundError:
+            raise ImageError("%s: no such file" % path) from None
+        except IsADirectoryError:
+            raise ImageError("%s: is a directory, not an image" % path) from None
+        self.size = os.fstat(self.f.fileno()).st_size
+        self._read_header()
+        self._read_footer()
+        self._metas = None
+        self._extents = None
+
+    def close(self):
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- structure ---------------------------------------------------------------
+    def _pread(self, off, n):
+        self.f.seek(off)
+        data = self.f.read(n)
+        if len(data) != n:
+            raise ImageError("%s: truncated: wanted %d bytes at offset %d, file is %d bytes"
+                             % (self.path, n, off, self.size))
+        return data
+
+    def _read_header(self):
+        if self.size < fmt.HEADER_FIXED.size:
+            raise ImageError("%s: not a ckpt image (file is only %d bytes)" % (self.path, self.size))
+        magic, version, hlen = fmt.HEADER_FIXED.unpack(self._pread(0, fmt.HEADER_FIXED.size))
+        if magic != fmt.MAGIC:
+            raise ImageError("%s: not a ckpt image (bad magic)" % self.path)
+        if version != fmt.VERSION:
+            raise ImageError("%s: image format version %d is not supported (this ckpt reads version %d)"
+                             % (self.path, version, fmt.VERSION))
+        if hlen > 1 << 20:
+            raise ImageError("%s: corrupt header (length %d)" % (self.path, hlen))
+        end = fmt.HEADER_FIXED.size + hlen
+        head = self._pread(0, end)
+        (crc,) = fmt.REC_CRC.unpack(self._pread(end, 4))
+        if zlib.crc32(head) != crc:
+            raise ImageError("%s: corrupt header (checksum mismatch)" % self.path)
+        try:
+            self.header = json.loads(head[fmt.HEADER_FIXED.size:])
+        except ValueError:
+            raise ImageError("%s: corrupt header (not JSON)" % self.path) from None
+        self.header_bytes = head + fmt.REC_CRC.pack(crc)
+        self.records_start = end + 4
+        self.page_size = self.header.get("page_size", 4096)
+
+    def _read_footer(self):
+        if self.size < self.records_start + fmt.FOOTER.size:
+            raise ImageError("%s: truncated: no trailer (the dump did not finish or the file was cut)" % self.path)
+        magic, trailer_off, chain, _ = fmt.FOOTER.unpack(self._pread(self.size - fmt.FOOTER.size, fmt.FOOTER.size))
+        if magic != fmt.END_MAGIC:
+            raise ImageError("%s: truncated: no trailer (the dump did not finish or the file was cut)" % self.path)
+        if not self.records_start <= trailer_off < self.size - fmt.FOOTER.size:
+            raise ImageError("%s: corrupt trailer offset %d" % (self.path, trailer_off))
+        self.chain = chain
+        trailer = self._record_at(trailer_off)
+        if trailer.rtype != fmt.TRAILER:
+            raise ImageError("%s: corrupt: no trailer record at offset %d" % (self.path, trailer_off))
+        payload = self._payload_raw(trailer)
+        n = len(payload) // fmt.INDEX_ENTRY.size
+        self.records = []
+        for i in range(n):
+            off, addr, npages, rtype, comp, _ = fmt.INDEX_ENTRY.unpack_from(payload, i * fmt.INDEX_ENTRY.size)
+            self.records.append((off, addr, npages, rtype, comp))
+        self.trailer = trailer
+
+    def _record_at(self, off, seq=-1):
+        raw = self._pread(off, fmt.REC_SIZE)
+        (hcrc,) = fmt.REC_CRC.unpack(raw[fmt.REC.size:])
+        if zlib.crc32(raw[:fmt.REC.size]) != hcrc:
+            raise ImageError("%s: corrupt record header at offset %d (checksum mismatch)" % (self.path, off))
+        r = Record()
+        r.rtype, r.comp, r.pad, r.npages, r.addr, r.length, r.pcrc = fmt.REC.unpack(raw[:fmt.REC.size])
+        r.offset, r.seq = off, seq
+        if r.payload_offset + r.length > self.size:
+            raise ImageError("%s: truncated: record at offset %d runs past the end of the file" % (self.path, off))
+        return r
+
+    def _payload_raw(self, rec):
+        data = self._pread(rec.payload_offset, rec.length)
+        if rec.length and zlib.crc32(data) != rec.pcrc:
+            raise ImageError("%s: corrupt %s record at offset %d (payload checksum mismatch)"
+                             % (self.path, rec.type_name, rec.offset))
+        return data
+
+    def payload(self, rec):
+        data = self._payload_raw(rec)
+        if rec.comp == fmt.LZ4:
+            try:
+                data = lz4.frame.decompress(data)
+            except RuntimeError as e:
+                raise ImageError("%s: corrupt compressed record at offset %d (%s)" % (self.path, rec.offset, e)) from None
+        elif rec.comp != fmt.NONE:
+            raise ImageError("%s: unknown compression %d in record at offset %d" % (self.path, rec.comp, rec.offset))
+        return data
+
+    def iter_records(self):
+        for seq, (off, *_rest) in enumerate(self.records):
+            yield self._record_at(off, seq)
+
+    # -- content -------------------------------------------------------------------
+    def metas(self):
+        """{name: data} of META records; later records of a name supersede earlier ones."""
+        if self._metas is None:
+            self._metas = {}
+            for off, _, _, rtype, _ in self.records:
+                if rtype == fmt.META:
+                    doc = json.loads(self.payload(self._record_at(off)))
+                    self._metas[doc["name"]] = doc["data"]
+        return self._metas
+
+    def meta(self, name, default=None):
+        return self.metas().get(name, default)
+
+    def rounds(self):
+        out = []
+        for off, _, _, rtype, _ in self.records:
+            if rtype == fmt.ROUND:
+                out.append(json.loads(self.payload(self._record_at(off))))
+        return out
+
+    def extents(self):
+        """Sorted, disjoint (start, end, record seq) with the latest record winning per page."""
+        if self._extents is not None:
+            return self._extents
+        ps = self.page_size
+        intervals = [(addr, addr + npages * ps, seq) for seq, (off, addr, npages, rtype, _) in enumerate(self.records)
+                     if rtype in (fmt.PAGES, fmt.ZERO) and npages]
+        points = sorted({p for s, e, _ in intervals for p in (s, e)})
+        intervals.sort()
+        heap, out, j = [], [], 0
+        for a, b in zip(points, points[1:]):
+            while j < len(intervals) and intervals[j][0] <= a:
+                s, e, seq = intervals[j]
+                heapq.heappush(heap, (-seq, e))
+                j += 1
+            while heap and heap[0][1] <= a:
+                heapq.heappop(heap)
+            if not heap:
+                continue
+            seq = -heap[0][0]
+            if out and out[-1][1] == a and out[-1][2] == seq:
+                out[-1] = (out[-1][0], b, seq)
+            else:
+                out.append((a, b, seq))
+        self._extents = out
+        return out
+
+    def record(self, seq):
+        return self._record_at(self.records[seq][0], seq)
+
+    def page_bytes(self):
+        """Pages the image holds (after superseding) and how many of them are zero records."""
+        total = zero = 0
+        for s, e, seq in self.extents():
+            n = (e - s) // self.page_size
+            total += n
+            if self.records[seq][3] == fmt.ZERO:
+                zero += n
+        return total, zero
+
+    def iter_content(self):
+        """Yield (addr, bytes) for every extent, assembled: later records supersede earlier ones."""
+        cache_seq, cache = None, None
+        for s, e, seq in self.extents():
+            off, addr, npages, rtype, _ = self.records[seq]
+            if rtype == fmt.ZERO:
+                yield s, bytes(e - s)
+                continue
+            if seq != cache_seq:
+                cache_seq, cache = seq, self.payload(self.record(seq))
+                if len(cache) != npages * self.page_size:
+                    raise ImageError("%s: record at offset %d holds %d bytes for %d pages"
+                                     % (self.path, off, len(cache), npages))
+            yield s, cache[s - addr:e - addr]
+
+    # -- checking --------------------------------------------------------------------
+    def verify(self):
+        """Check every checksum and the structure. Returns a summary dict; raises ImageError."""
+        chain = zlib.crc32(self.header_bytes)
+        off = self.records_start
+        seen = 0
+        end = self.size - fmt.FOOTER.size
+        while off < end:
+            rec = self._record_at(off, seen)
+            if seen < len(self.records) and self.records[seen][0] != off:
+                raise ImageError("%s: corrupt index: record %d is at offset %d, index says %d"
+                                 % (self.path, seen, off, self.records[seen][0]))
+            self.payload(rec)
+            chain = zlib.crc32(self._pread(off, fmt.REC_SIZE), chain)
+            off = rec.payload_offset + rec.length
+            if rec.rtype == fmt.TRAILER:
+                break
+            seen += 1
+        if off != end:
+            raise ImageError("%s: corrupt: %d stray bytes before the footer" % (self.path, end - off))
+        if seen != len(self.records):
+            raise ImageError("%s: corrupt index: %d records in the file, %d in the index"
+                             % (self.path, seen, len(self.records)))
+        if chain != self.chain:
+            raise ImageError("%s: corrupt: whole-file checksum mismatch" % self.path)
+        return {"records": seen, "bytes": self.size}
+
+    def check_compatible(self):
+        """Refuse an image made on another architecture, page size or kernel."""
+        h = self.header
+        if h.get("arch") != platform.machine():
+            raise ImageError("%s: made on %s, this machine is %s" % (self.path, h.get("arch"), platform.machine()))
+        if h.get("page_size") != os.sysconf("SC_PAGE_SIZE"):
+            raise ImageError("%s: page size %s differs from this machine's" % (self.path, h.get("page_size")))
+        if h.get("kernel") != platform.release():
+            raise ImageError("%s: made on kernel %s, this is %s (the vdso must match)"
+                             % (self.path, h.get("kernel"), platform.release()))

@@ -1,0 +1,119 @@
+"""Writes an image front to back under a temporary name, 0600, renamed only when complete."""
+import json
+import os
+import platform
+import secrets
+import time
+import zlib
+
+import lz4.frame
+
+from ckpt.image import format as fmt
+from ckpt.kernel.native import PAGE_SIZE
+
+# lz4 is kept for a run only when it saves at least this fraction
+_LZ4_MIN_SAVING = 0.10
+
+
+class ImageWriter:
+    def __init__(self, path, compress="lz4", tool_version="0"):
+        if compress not in fmt.COMP_NAMES:
+            raise ValueError("unknown compression %r (lz4 or none)" % compress)
+        self.path = os.path.abspath(path)
+        self.comp = fmt.COMP_NAMES[compress]
+        directory = os.path.dirname(self.path)
+        self.tmp_path = os.path.join(directory, ".%s.tmp-%s" % (os.path.basename(self.path), secrets.token_hex(4)))
+        fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.fchmod(fd, 0o600)
+        self.f = os.fdopen(fd, "wb", buffering=1 << 20)
+        self.offset = 0
+        self.chain = 0
+        self.index = []
+        self.bytes_raw = 0       # page bytes handed in
+        self.bytes_payload = 0   # page bytes written after compression
+        self.closed = False
+        header = {
+            "arch": platform.machine(), "page_size": PAGE_SIZE, "kernel": platform.release(),
+            "created": time.time(), "tool": "ckpt " + tool_version, "format": fmt.VERSION,
+        }
+        hj = json.dumps(header).encode()
+        head = fmt.HEADER_FIXED.pack(fmt.MAGIC, fmt.VERSION, len(hj)) + hj
+        head += fmt.REC_CRC.pack(zlib.crc32(head))
+        self._write(head)
+        self.chain = zlib.crc32(head)
+
+    def _write(self, data):
+        self.f.write(data)
+        self.offset += len(data)
+
+    def _record(self, rtype, payload=b"", addr=0, npages=0, comp=fmt.NONE, align=False):
+        pad = 0
+        if align:
+            pad = (-(self.offset + fmt.REC_SIZE)) % PAGE_SIZE
+        start = self.offset
+        pcrc = zlib.crc32(payload) if payload else 0
+        rec = fmt.REC.pack(rtype, comp, pad, npages, addr, len(payload), pcrc)
+        rec += fmt.REC_CRC.pack(zlib.crc32(rec))
+        self._write(rec)
+        if pad:
+            self._write(bytes(pad))
+        if payload:
+            self._write(payload)
+        self.chain = zlib.crc32(rec, self.chain)
+        self.index.append((start, addr, npages, rtype, comp))
+        return start
+
+    def add_meta(self, name, data):
+        payload = json.dumps({"name": name, "data": data}, separators=(",", ":")).encode()
+        self._record(fmt.META, payload)
+
+    def add_round(self, info):
+        self._record(fmt.ROUND, json.dumps(info).encode())
+
+    def add_zero(self, addr, npages):
+        self._record(fmt.ZERO, b"", addr, npages)
+
+    def add_pages(self, addr, data):
+        """data: bytes-like holding whole pages starting at addr."""
+        npages = len(data) // PAGE_SIZE
+        self.bytes_raw += len(data)
+        if self.comp == fmt.LZ4:
+            packed = lz4.frame.compress(data, compression_level=0, store_size=True,
+                                        content_checksum=False, block_linked=False)
+            if len(packed) <= len(data) * (1 - _LZ4_MIN_SAVING):
+                self.bytes_payload += len(packed)
+                self._record(fmt.PAGES, packed, addr, npages, fmt.LZ4)
+                return
+        self.bytes_payload += len(data)
+        self._record(fmt.PAGES, data, addr, npages, fmt.NONE, align=True)
+
+    def finish(self):
+        """Write the trailer and footer and flush; the image is complete but not yet in place."""
+        entries = b"".join(fmt.INDEX_ENTRY.pack(off, addr, n, t, c, 0) for off, addr, n, t, c in self.index)
+        trailer_off = self._record(fmt.TRAILER, entries)
+        self._write(fmt.FOOTER.pack(fmt.END_MAGIC, trailer_off, self.chain, 0))
+        self.f.flush()
+        return self.offset
+
+    def commit(self):
+        """Make the finished image durable and move it into place under its final name."""
+        os.fsync(self.f.fileno())
+        self.f.close()
+        self.closed = True
+        os.rename(self.tmp_path, self.path)
+        self.committed = True
+
+    def abort(self):
+        """Drop the partial image: nothing is left behind."""
+        if getattr(self, "committed", False):
+            return
+        if not self.closed:
+            try:
+                self.f.close()
+            except OSError:
+                pass
+            self.closed = True
+        try:
+            os.unlink(self.tmp_path)
+        except FileNotFoundError:
+            pass

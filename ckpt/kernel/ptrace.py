@@ -1,0 +1,251 @@
+"""ptrace of one thread: seize, interrupt, wait, registers, xstate, syscall injection.
+
+python-ptrace supplies the raw call and the register structure; the requests it has no
+helper for (SEIZE, INTERRUPT, GETREGSET, SIGMASK, rseq) are issued through its generic call.
+"""
+import ctypes
+import errno
+import os
+import signal
+
+from ptrace.binding import func as pt
+from ptrace.binding.linux_struct import user_regs_struct
+from ptrace.error import PtraceError
+
+PTRACE_GETREGSET = 0x4204
+PTRACE_SETREGSET = 0x4205
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_LISTEN = 0x4208
+PTRACE_PEEKSIGINFO = 0x4209
+PTRACE_GETSIGMASK = 0x420a
+PTRACE_SETSIGMASK = 0x420b
+PTRACE_GET_RSEQ_CONFIGURATION = 0x420f
+PTRACE_EVENT_STOP = 128
+PTRACE_O_TRACESYSGOOD = 1
+NT_PRSTATUS = 1
+NT_X86_XSTATE = 0x202
+WALL = 0x40000000
+
+REGS_FIELDS = [name for name, _ in user_regs_struct._fields_]
+XSTATE_MAX = 8192
+
+ERESTARTSYS = 512
+ERESTARTNOINTR = 513
+ERESTARTNOHAND = 514
+ERESTART_RESTARTBLOCK = 516
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+class _RseqConf(ctypes.Structure):
+    _fields_ = [("rseq_abi_pointer", ctypes.c_uint64), ("rseq_abi_size", ctypes.c_uint32),
+                ("signature", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+def _call(req, tid, addr=0, data=0):
+    return pt.ptrace(req, tid, addr, data)
+
+
+def to_signed(v):
+    return v - (1 << 64) if v >= (1 << 63) else v
+
+
+def regs_to_dict(regs):
+    return {name: getattr(regs, name) for name in REGS_FIELDS}
+
+
+def regs_from_dict(d):
+    regs = user_regs_struct()
+    for name in REGS_FIELDS:
+        setattr(regs, name, d[name] & 0xFFFFFFFFFFFFFFFF)
+    return regs
+
+
+class Tracee:
+    """One thread under PTRACE_SEIZE. `stopped` tells whether we hold it in a ptrace-stop."""
+
+    def __init__(self, tid):
+        self.tid = tid
+        self.stopped = False
+        self.pending_signal = 0  # a signal dequeued by a signal-delivery-stop, to pass on at detach
+
+    # -- attach / stop / release ------------------------------------------------
+    def seize(self):
+        _call(PTRACE_SEIZE, self.tid, 0, 0)
+
+    def interrupt(self):
+        _call(PTRACE_INTERRUPT, self.tid)
+
+    def wait_stop(self):
+        """Wait until the thread is in a ptrace-stop. Returns False if it exited instead."""
+        while True:
+            try:
+                _, st = os.waitpid(self.tid, WALL)
+            except ChildProcessError:
+                return False
+            if os.WIFEXITED(st) or os.WIFSIGNALED(st):
+                return False
+            if not os.WIFSTOPPED(st):
+                continue
+            sig = os.WSTOPSIG(st)
+            event = st >> 16
+            if event == PTRACE_EVENT_STOP:
+                self.stopped = True
+                return True
+            if event == 0 and sig not in (signal.SIGTRAP,):
+                # signal-delivery-stop: the thread is stopped; keep the signal to pass on later
+                self.pending_signal = sig
+                self.stopped = True
+                return True
+            if event == 0 and sig == signal.SIGTRAP:
+                self.stopped = True
+                return True
+            # some other event stop: let it go on and keep waiting
+            _call(pt.PTRACE_CONT, self.tid, 0, 0)
+
+    def detach(self):
+        sig = self.pending_signal
+        self.pending_signal = 0
+        try:
+            _call(pt.PTRACE_DETACH, self.tid, 0, sig)
+        except PtraceError as e:
+            if e.errno != errno.ESRCH:
+                raise
+        self.stopped = False
+
+    def cont(self, sig=0):
+        _call(pt.PTRACE_CONT, self.tid, 0, sig)
+        self.stopped = False
+
+    # -- state -------------------------------------------------------------------
+    def get_regs(self):
+        return pt.ptrace_getregs(self.tid)
+
+    def set_regs(self, regs):
+        pt.ptrace_setregs(self.tid, regs)
+
+    def get_xstate(self):
+        buf = ctypes.create_string_buffer(XSTATE_MAX)
+        iov = _IoVec(ctypes.cast(buf, ctypes.c_void_p), XSTATE_MAX)
+        _call(PTRACE_GETREGSET, self.tid, NT_X86_XSTATE, ctypes.addressof(iov))
+        return buf.raw[:iov.len]
+
+    def set_xstate(self, data):
+        buf = ctypes.create_string_buffer(data, len(data))
+        iov = _IoVec(ctypes.cast(buf, ctypes.c_void_p), len(data))
+        _call(PTRACE_SETREGSET, self.tid, NT_X86_XSTATE, ctypes.addressof(iov))
+
+    def get_sigmask(self):
+        mask = ctypes.c_uint64()
+        _call(PTRACE_GETSIGMASK, self.tid, 8, ctypes.addressof(mask))
+        return mask.value
+
+    def set_sigmask(self, value):
+        mask = ctypes.c_uint64(value)
+        _call(PTRACE_SETSIGMASK, self.tid, 8, ctypes.addressof(mask))
+
+    def get_rseq(self):
+        conf = _RseqConf()
+        try:
+            n = _call(PTRACE_GET_RSEQ_CONFIGURATION, self.tid, ctypes.sizeof(conf), ctypes.addressof(conf))
+        except PtraceError as e:
+            if e.errno in (errno.EIO, errno.EINVAL):
+                return None
+            raise
+        if n == 0 or conf.rseq_abi_pointer == 0:
+            return None
+        return {"ptr": conf.rseq_abi_pointer, "size": conf.rseq_abi_size, "sig": conf.signature,
+                "flags": conf.flags}
+
+    # -- syscall injection -----------------------------------------------------------
+    def inject(self, syscall_insn, nr, *args):
+        """Run one syscall in this stopped thread at a `syscall` instruction; return its result.
+
+        Registers and signal mask are restored afterwards, so an interrupted system call of
+        the thread restarts as if nothing happened (orig_rax = -1 during the injection keeps
+        the kernel's restart logic away from our fake rip).
+        """
+        saved = self.get_regs()
+        saved_mask = self.get_sigmask()
+        regs = user_regs_struct()
+        ctypes.pointer(regs)[0] = saved
+        regs.rip = syscall_insn
+        regs.rax = nr
+        regs.orig_rax = 0xFFFFFFFFFFFFFFFF
+        names = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+        for name, val in zip(names, args):
+            setattr(regs, name, val & 0xFFFFFFFFFFFFFFFF)
+        self.set_sigmask(0xFFFFFFFFFFFFFFFF)
+        try:
+            self.set_regs(regs)
+            _call(pt.PTRACE_SINGLESTEP, self.tid, 0, 0)
+            while True:
+                _, st = os.waitpid(self.tid, WALL)
+                if os.WIFEXITED(st) or os.WIFSIGNALED(st):
+                    raise ProcessLookupError(errno.ESRCH, "thread %d exited during an injected syscall" % self.tid)
+                if os.WIFSTOPPED(st) and os.WSTOPSIG(st) == signal.SIGTRAP and (st >> 16) == 0:
+                    break
+                if os.WIFSTOPPED(st) and (st >> 16) == 0:
+                    # another signal arrived meanwhile: remember it, keep stepping
+                    self.pending_signal = os.WSTOPSIG(st)
+                    _call(pt.PTRACE_SINGLESTEP, self.tid, 0, 0)
+                    continue
+                _call(pt.PTRACE_SINGLESTEP, self.tid, 0, 0)
+            result = to_signed(self.get_regs().rax)
+        finally:
+            self.set_regs(saved)
+            self.set_sigmask(saved_mask)
+        return result
+
+
+def fixup_restart(regs_dict):
+    """Registers as the thread must resume them when its syscall will not be restarted by a
+    signal return: the kernel's own restart rules applied by hand (used for dumped images)."""
+    rax = to_signed(regs_dict["rax"])
+    orig = to_signed(regs_dict["orig_rax"])
+    if orig >= 0 and rax in (-ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND):
+        regs_dict["rax"] = regs_dict["orig_rax"]
+        regs_dict["rip"] -= 2
+    elif orig >= 0 and rax == -ERESTART_RESTARTBLOCK:
+        regs_dict["rax"] = (-errno.EINTR) & 0xFFFFFFFFFFFFFFFF
+    regs_dict["orig_rax"] = 0xFFFFFFFFFFFFFFFF
+    return regs_dict
+
+
+def find_syscall_insn(pid, maps):
+    """Address of a `syscall` (0f 05) instruction in the target's vdso."""
+    for vma in maps:
+        if vma.path == "[vdso]":
+            with open("/proc/%d/mem" % pid, "rb", buffering=0) as f:
+                f.seek(vma.start)
+                code = f.read(vma.size)
+            i = code.find(b"\x0f\x05")
+            if i >= 0:
+                return vma.start + i
+    raise OSError(errno.ENOENT, "no syscall instruction found in the vdso of %d" % pid)
+
+
+class _PeekArgs(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("nr", ctypes.c_int32)]
+
+
+PEEKSIGINFO_SHARED = 1
+SIGINFO_SIZE = 128
+
+
+def peek_siginfo(tid, shared=False, limit=256):
+    """Queued signals (raw 128-byte siginfo each) without dequeuing them."""
+    out = []
+    buf = ctypes.create_string_buffer(SIGINFO_SIZE * 32)
+    while len(out) < limit:
+        args = _PeekArgs(len(out), PEEKSIGINFO_SHARED if shared else 0, 32)
+        n = _call(PTRACE_PEEKSIGINFO, tid, ctypes.addressof(args), ctypes.addressof(buf))
+        if n <= 0:
+            break
+        out += [buf.raw[i * SIGINFO_SIZE:(i + 1) * SIGINFO_SIZE] for i in range(n)]
+        if n < 32:
+            break
+    return out

@@ -1,0 +1,417 @@
+/*
+ * ckpt native core: the batch work and struct ioctls Python does poorly.
+ *
+ * One call per batch: scan many ranges, copy thousands of pages, classify or
+ * compare pages. Every function returns 0 / a count on success and -errno on
+ * failure; none of them prints or exits.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "ckpt_compat.h"
+#include "ckpt_core.h"
+
+#define CK_IOV_BATCH 1024
+
+/* ---------------------------------------------------------------- uffd */
+
+int ck_uffd_api(int fd, uint64_t features, uint64_t *out_features)
+{
+	struct uffdio_api api = { .api = UFFD_API, .features = features };
+	if (ioctl(fd, UFFDIO_API, &api) < 0)
+		return -errno;
+	if (out_features)
+		*out_features = api.features;
+	return 0;
+}
+
+int ck_uffd_register_wp(int fd, uint64_t start, uint64_t len)
+{
+	struct uffdio_register reg = {
+		.range = { .start = start, .len = len },
+		.mode = UFFDIO_REGISTER_MODE_WP,
+	};
+	if (ioctl(fd, UFFDIO_REGISTER, &reg) < 0)
+		return -errno;
+	return 0;
+}
+
+int ck_uffd_unregister(int fd, uint64_t start, uint64_t len)
+{
+	struct uffdio_range range = { .start = start, .len = len };
+	if (ioctl(fd, UFFDIO_UNREGISTER, &range) < 0)
+		return -errno;
+	return 0;
+}
+
+int ck_uffd_wp(int fd, uint64_t start, uint64_t len, int protect)
+{
+	struct uffdio_writeprotect wp = {
+		.range = { .start = start, .len = len },
+		.mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
+	};
+	if (ioctl(fd, UFFDIO_WRITEPROTECT, &wp) < 0)
+		return -errno;
+	return 0;
+}
+
+int64_t ck_uffd_wp_runs(int fd, const uint64_t *runs, int64_t nruns, int protect)
+{
+	/* runs: (start, len) pairs. Stops at the first failure, returning -errno. */
+	for (int64_t i = 0; i < nruns; i++) {
+		int r = ck_uffd_wp(fd, runs[2 * i], runs[2 * i + 1], protect);
+		/* ENOENT: the range was unmapped meanwhile; nothing to protect there */
+		if (r < 0 && r != -ENOENT)
+			return r;
+	}
+	return nruns;
+}
+
+/* --------------------------------------------------------- PAGEMAP_SCAN */
+
+int64_t ck_scan(int pagemap_fd, const uint64_t *ranges, int nranges,
+		uint64_t flags, uint64_t inverted, uint64_t mask, uint64_t anyof,
+		uint64_t ret_mask, uint64_t *out, int64_t cap,
+		int *next_range, uint64_t *next_addr)
+{
+	int64_t n = 0;
+	int i = *next_range;
+	uint64_t addr = *next_addr;
+
+	for (; i < nranges; i++) {
+		uint64_t end = ranges[2 * i + 1];
+		if (addr < ranges[2 * i])
+			addr = ranges[2 * i];
+		while (addr < end) {
+			if (out && n >= cap) {
+				*next_range = i;
+				*next_addr = addr;
+				return n;
+			}
+			struct pm_scan_arg arg = {
+				.size = sizeof(arg),
+				.flags = flags,
+				.start = addr,
+				.end = end,
+				.vec = out ? (uint64_t)(uintptr_t)(out + 3 * n) : 0,
+				.vec_len = out ? (uint64_t)(cap - n) : 0,
+				.category_inverted = inverted,
+				.category_mask = mask,
+				.category_anyof_mask = anyof,
+				.return_mask = ret_mask,
+			};
+			long got = ioctl(pagemap_fd, PAGEMAP_SCAN, &arg);
+			if (got < 0) {
+				*next_range = i;
+				*next_addr = addr;
+				return -errno;
+			}
+			n += got;
+			if (arg.walk_end <= addr)
+				break; /* no progress: should not happen */
+			addr = arg.walk_end;
+		}
+		addr = 0;
+	}
+	*next_range = nranges;
+	*next_addr = 0;
+	return n;
+}
+
+/* ----------------------------------------------- bulk memory of another process */
+
+static int64_t mem_fallback(int mem_fd, uint64_t addr, uint64_t len, uint8_t *buf, int write)
+{
+	uint64_t done = 0;
+	while (done < len) {
+		ssize_t r = write ? pwrite(mem_fd, buf + done, len - done, (off_t)(addr + done))
+				  : pread(mem_fd, buf + done, len - done, (off_t)(addr + done));
+		if (r < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (r == 0)
+			return -EIO;
+		done += (uint64_t)r;
+	}
+	return (int64_t)done;
+}
+
+static int64_t rw_runs(int pid, int mem_fd, const uint64_t *runs, int64_t nruns,
+		       uint8_t *buf, int32_t *status, int write)
+{
+	struct iovec local[CK_IOV_BATCH], remote[CK_IOV_BATCH];
+	int64_t total = 0;
+	uint64_t off = 0;
+	int64_t i = 0;
+
+	while (i < nruns) {
+		int k = 0;
+		uint64_t batch_off = off;
+		for (; k < CK_IOV_BATCH && i + k < nruns; k++) {
+			uint64_t len = runs[2 * (i + k) + 1];
+			local[k].iov_base = buf + off;
+			local[k].iov_len = len;
+			remote[k].iov_base = (void *)(uintptr_t)runs[2 * (i + k)];
+			remote[k].iov_len = len;
+			off += len;
+		}
+		ssize_t r = write ? process_vm_writev(pid, local, k, remote, k, 0)
+				  : process_vm_readv(pid, local, k, remote, k, 0);
+		if (r < 0) {
+			if (errno == EINTR)
+				r = 0;
+			else if (errno == ESRCH)
+				return -ESRCH;
+			else
+				r = 0; /* handle the first iovec through the fallback below */
+		}
+		/* account fully transferred iovecs, then repair the one that stopped it */
+		int j = 0;
+		uint64_t left = (uint64_t)r;
+		while (j < k && left >= local[j].iov_len) {
+			left -= local[j].iov_len;
+			status[i + j] = 0;
+			total += local[j].iov_len;
+			j++;
+		}
+		if (j < k) {
+			/* iovec j failed or was partial: finish it through /proc/PID/mem */
+			int64_t fr = -EFAULT;
+			if (mem_fd >= 0)
+				fr = mem_fallback(mem_fd, remote[j].iov_base ? (uint64_t)(uintptr_t)remote[j].iov_base : 0,
+						  local[j].iov_len, local[j].iov_base, write);
+			if (fr < 0) {
+				status[i + j] = (int32_t)-fr;
+			} else {
+				status[i + j] = 0;
+				total += fr;
+			}
+			j++;
+			/* restart after iovec j */
+			uint64_t consumed = 0;
+			for (int q = 0; q < j; q++)
+				consumed += local[q].iov_len;
+			off = batch_off + consumed;
+		}
+		i += j;
+	}
+	return total;
+}
+
+int64_t ck_read_runs(int pid, int mem_fd, const uint64_t *runs, int64_t nruns,
+		     uint8_t *dst, int32_t *status)
+{
+	return rw_runs(pid, mem_fd, runs, nruns, dst, status, 0);
+}
+
+int64_t ck_write_runs(int pid, int mem_fd, const uint64_t *runs, int64_t nruns,
+		      const uint8_t *src, int32_t *status)
+{
+	return rw_runs(pid, mem_fd, runs, nruns, (uint8_t *)src, status, 1);
+}
+
+/* ------------------------------------------------------ page classification */
+
+static int page_is_zero(const uint8_t *p, uint64_t page_size)
+{
+	const uint64_t *w = (const uint64_t *)p;
+	uint64_t acc = 0;
+	for (uint64_t i = 0; i < page_size / 8; i += 8) {
+		acc |= w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7];
+		if (acc)
+			return 0;
+	}
+	return 1;
+}
+
+int64_t ck_zero_pages(const uint8_t *buf, int64_t npages, uint64_t page_size, uint8_t *is_zero)
+{
+	int64_t zeros = 0;
+	for (int64_t i = 0; i < npages; i++) {
+		is_zero[i] = (uint8_t)page_is_zero(buf + (uint64_t)i * page_size, page_size);
+		zeros += is_zero[i];
+	}
+	return zeros;
+}
+
+int64_t ck_first_diff_page(const uint8_t *a, const uint8_t *b, int64_t npages, uint64_t page_size)
+{
+	for (int64_t i = 0; i < npages; i++)
+		if (memcmp(a + (uint64_t)i * page_size, b + (uint64_t)i * page_size, page_size))
+			return i;
+	return -1;
+}
+
+/* ------------------------------------------------------- small syscalls */
+
+int ck_pidfd_open(int pid)
+{
+	long r = syscall(__NR_pidfd_open, pid, 0);
+	return r < 0 ? -errno : (int)r;
+}
+
+int ck_pidfd_getfd(int pidfd, int fd)
+{
+	long r = syscall(__NR_pidfd_getfd, pidfd, fd, 0);
+	return r < 0 ? -errno : (int)r;
+}
+
+int ck_get_robust_list(int tid, uint64_t *head, uint64_t *len)
+{
+	void *h = NULL;
+	size_t l = 0;
+	if (syscall(SYS_get_robust_list, tid, &h, &l) < 0)
+		return -errno;
+	*head = (uint64_t)(uintptr_t)h;
+	*len = (uint64_t)l;
+	return 0;
+}
+
+/* --------------------------------------------- sync uffd-wp tracker thread */
+
+struct ck_tracker {
+	int uffd;
+	int stop_pipe[2];
+	pthread_t thread;
+	pthread_mutex_t lock;
+	uint64_t *pages;
+	int64_t npages, cap;
+	int64_t faults;
+	int error;
+};
+
+static void tracker_record(struct ck_tracker *t, uint64_t page)
+{
+	pthread_mutex_lock(&t->lock);
+	if (t->npages == t->cap) {
+		int64_t ncap = t->cap ? t->cap * 2 : 4096;
+		uint64_t *np = realloc(t->pages, (size_t)ncap * sizeof(uint64_t));
+		if (!np) {
+			t->error = ENOMEM;
+			pthread_mutex_unlock(&t->lock);
+			return;
+		}
+		t->pages = np;
+		t->cap = ncap;
+	}
+	t->pages[t->npages++] = page;
+	t->faults++;
+	pthread_mutex_unlock(&t->lock);
+}
+
+static void *tracker_main(void *arg)
+{
+	struct ck_tracker *t = arg;
+	struct uffd_msg msgs[64];
+	long psz = sysconf(_SC_PAGESIZE);
+
+	for (;;) {
+		struct pollfd pfd[2] = {
+			{ .fd = t->uffd, .events = POLLIN },
+			{ .fd = t->stop_pipe[0], .events = POLLIN },
+		};
+		if (poll(pfd, 2, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			t->error = errno;
+			break;
+		}
+		if (pfd[1].revents)
+			break;
+		if (pfd[0].revents & (POLLERR | POLLHUP)) {
+			t->error = EPIPE;
+			break;
+		}
+		ssize_t r = read(t->uffd, msgs, sizeof(msgs));
+		if (r < 0) {
+			if (errno == EAGAIN || errno == EINTR)
+				continue;
+			t->error = errno;
+			break;
+		}
+		for (size_t i = 0; i < (size_t)r / sizeof(msgs[0]); i++) {
+			if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+				continue;
+			uint64_t page = msgs[i].arg.pagefault.address & ~((uint64_t)psz - 1);
+			/* flag the page, then lift the protection: this wakes the writer */
+			tracker_record(t, page);
+			int e = ck_uffd_wp(t->uffd, page, (uint64_t)psz, 0);
+			if (e < 0 && e != -ENOENT)
+				t->error = -e;
+		}
+	}
+	return NULL;
+}
+
+struct ck_tracker *ck_tracker_start(int uffd)
+{
+	struct ck_tracker *t = calloc(1, sizeof(*t));
+	if (!t)
+		return NULL;
+	t->uffd = uffd;
+	pthread_mutex_init(&t->lock, NULL);
+	if (pipe(t->stop_pipe) < 0) {
+		free(t);
+		return NULL;
+	}
+	if (pthread_create(&t->thread, NULL, tracker_main, t)) {
+		close(t->stop_pipe[0]);
+		close(t->stop_pipe[1]);
+		free(t);
+		return NULL;
+	}
+	return t;
+}
+
+int64_t ck_tracker_drain(struct ck_tracker *t, uint64_t *out, int64_t cap)
+{
+	pthread_mutex_lock(&t->lock);
+	int64_t n = t->npages < cap ? t->npages : cap;
+	memcpy(out, t->pages, (size_t)n * sizeof(uint64_t));
+	memmove(t->pages, t->pages + n, (size_t)(t->npages - n) * sizeof(uint64_t));
+	t->npages -= n;
+	pthread_mutex_unlock(&t->lock);
+	return n;
+}
+
+int64_t ck_tracker_pending(struct ck_tracker *t)
+{
+	pthread_mutex_lock(&t->lock);
+	int64_t n = t->npages;
+	pthread_mutex_unlock(&t->lock);
+	return n;
+}
+
+int64_t ck_tracker_faults(struct ck_tracker *t)
+{
+	return t->faults;
+}
+
+int ck_tracker_error(struct ck_tracker *t)
+{
+	return t->error;
+}
+
+void ck_tracker_stop(struct ck_tracker *t)
+{
+	char c = 1;
+	ssize_t ignored = write(t->stop_pipe[1], &c, 1);
+	(void)ignored;
+	pthread_join(t->thread, NULL);
+	close(t->stop_pipe[0]);
+	close(t->stop_pipe[1]);
+	free(t->pages);
+	pthread_mutex_destroy(&t->lock);
+	free(t);
+}

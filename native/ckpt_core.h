@@ -1,0 +1,31 @@
+/* Declarations of the ckpt native core; also fed to cffi's cdef. Plain C only. */
+int ck_uffd_api(int fd, uint64_t features, uint64_t *out_features);
+int ck_uffd_register_wp(int fd, uint64_t start, uint64_t len);
+int ck_uffd_unregister(int fd, uint64_t start, uint64_t len);
+int ck_uffd_wp(int fd, uint64_t start, uint64_t len, int protect);
+int64_t ck_uffd_wp_runs(int fd, const uint64_t *runs, int64_t nruns, int protect);
+
+int64_t ck_scan(int pagemap_fd, const uint64_t *ranges, int nranges,
+		uint64_t flags, uint64_t inverted, uint64_t mask, uint64_t anyof,
+		uint64_t ret_mask, uint64_t *out, int64_t cap,
+		int *next_range, uint64_t *next_addr);
+
+int64_t ck_read_runs(int pid, int mem_fd, const uint64_t *runs, int64_t nruns,
+		     uint8_t *dst, int32_t *status);
+int64_t ck_write_runs(int pid, int mem_fd, const uint64_t *runs, int64_t nruns,
+		      const uint8_t *src, int32_t *status);
+
+int64_t ck_zero_pages(const uint8_t *buf, int64_t npages, uint64_t page_size, uint8_t *is_zero);
+int64_t ck_first_diff_page(const uint8_t *a, const uint8_t *b, int64_t npages, uint64_t page_size);
+
+int ck_pidfd_open(int pid);
+int ck_pidfd_getfd(int pidfd, int fd);
+int ck_get_robust_list(int tid, uint64_t *head, uint64_t *len);
+
+struct ck_tracker;
+struct ck_tracker *ck_tracker_start(int uffd);
+int64_t ck_tracker_drain(struct ck_tracker *t, uint64_t *out, int64_t cap);
+int64_t ck_tracker_pending(struct ck_tracker *t);
+int64_t ck_tracker_faults(struct ck_tracker *t);
+int ck_tracker_error(struct ck_tracker *t);
+void ck_tracker_stop(struct ck_tracker *t);
