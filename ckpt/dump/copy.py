@@ -64,8 +64,8 @@ class Copier:
         self.mem.close()
 
     def copy(self, runs, sink=None, check=None):
-        """Copy the runs; pages go to the image, or to `sink` (a list) to be written later.
-        Returns the number of pages copied. `check` is called between batches."""
+        """Copy the runs; pages go to the image, or to `sink` (a list) to be written later by
+        write_sink(). Returns the number of pages copied. `check` is called between batches."""
         pages = 0
         for batch in split_runs(runs):
             if check:
@@ -76,12 +76,22 @@ class Copier:
                 if e.errno == errno.ESRCH:
                     raise TargetGone("process %d exited during the dump" % self.pid) from None
                 raise
+            total = sum(length for _, length in batch)
+            if sink is not None:
+                # frozen: one copy of the batch now, split into records after the release
+                sink.append((batch, status, bytes(self.view[:total])))
+                for (addr, length), err in zip(batch, status):
+                    if err:
+                        pages += self._copy_pagewise(addr, length, sink)
+                    else:
+                        pages += length // PAGE_SIZE
+                continue
             off = 0
             for (addr, length), err in zip(batch, status):
                 if err:
                     pages += self._copy_pagewise(addr, length, sink)
                 else:
-                    self._emit(addr, self.view[off:off + length], sink)
+                    emit_pages(self.writer, addr, self.view[off:off + length])
                     pages += length // PAGE_SIZE
                 off += length
         return pages
@@ -95,15 +105,21 @@ class Copier:
             if self.mem.read_runs([(a, PAGE_SIZE)], page)[0]:
                 self.unreadable_pages += 1
                 continue
-            self._emit(a, memoryview(page), sink)
+            if sink is not None:
+                sink.append(([(a, PAGE_SIZE)], [0], bytes(page)))
+            else:
+                emit_pages(self.writer, a, memoryview(page))
             n += 1
         return n
 
-    def _emit(self, addr, data, sink):
-        if sink is not None:
-            sink.append((addr, bytes(data)))
-            return
-        emit_pages(self.writer, addr, data)
+    def write_sink(self, sink):
+        for batch, status, data in sink:
+            view = memoryview(data)
+            off = 0
+            for (addr, length), err in zip(batch, status):
+                if not err:
+                    emit_pages(self.writer, addr, view[off:off + length])
+                off += length
 
 
 def emit_pages(writer, addr, data):

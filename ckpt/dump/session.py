@@ -28,6 +28,7 @@ from ckpt.kernel import features, pagemap, procfs
 from ckpt.kernel.native import PAGE_SIZE
 from ckpt.kernel.ptrace import find_syscall_insn
 from ckpt.kernel.uffd import USER_MODE_ONLY
+from ckpt.state.inject import Injector
 from ckpt.state.files import dump_fds, refuse_untrackable
 from ckpt.state.process import dump_process, exe_identity
 from ckpt.state.threads import dump_thread
@@ -212,25 +213,40 @@ class Dump:
         self._progress(event="frozen")
         threads = self.freezer.threads
         t_frozen = time.perf_counter()
+        marks = [("stop_threads", t_frozen - self.freezer.t_first_interrupt)]
+        lap = [t_frozen]
+
+        def mark(name):
+            now = time.perf_counter()
+            marks.append((name, now - lap[0]))
+            lap[0] = now
         # state first: the injected calls borrow (and give back) scratch bytes on thread stacks
-        thread_state = [dump_thread(self.pid, t, self.insn) for t in threads.values()]
-        process_state = dump_process(self.pid, self.freezer.leader, self.insn)
+        injector = Injector(self.pid, self.insn)
+        try:
+            thread_state = [dump_thread(t, injector) for t in threads.values()]
+            process_state = dump_process(self.pid, self.freezer.leader, injector)
+        finally:
+            injector.close()
         process_state["exe_file"] = exe_identity(self.pid)
         fds = dump_fds(self.pid)
+        mark("state")
         maps = procfs.read_maps(self.pid, with_identity=True)
+        mark("maps")
         cov = self._coverage()
         tracked = [v for v in self._trackable(maps) if cov.covers(v)]
         full = [v for v in maps if v.kind in TRACKABLE + ("shmem",) and not cov.covers(v)]
         untracked, runs = self.tracker.final(tracked)
         runs = runs + copymod.content_runs(self.copier_pm(), full + untracked)
+        mark("final_scan")
         final = []
         pages = self.copier.copy(runs, sink=final)
+        mark("final_copy")
+        self.result["freeze_breakdown_ms"] = {k: round(v * 1000, 3) for k, v in marks}
         copy_ms = (time.perf_counter() - t_frozen) * 1000
         self.rounds.append({"round": len(self.rounds), "pages": pages, "ms": round(copy_ms, 3), "final": True})
 
         def write_tail():
-            for addr, data in final:
-                copymod.emit_pages(self.writer, addr, data)
+            self.copier.write_sink(final)
             self.writer.add_round(self.rounds[-1])
             self.writer.add_meta("process", process_state)
             self.writer.add_meta("threads", thread_state)

@@ -34,8 +34,7 @@ class _Expected:
         self.reader = reader
         self.extents = reader.extents()
         self.starts = [s for s, _, _ in self.extents]
-        self._payload_seq = None
-        self._payload = None
+        self._payloads = {}   # a few decompressed records, most recent last
 
     def image_runs(self, start, end):
         i = max(0, bisect.bisect_right(self.starts, start) - 1)
@@ -62,6 +61,15 @@ class _Expected:
             for a, chunk in self._image_bytes(s, e):
                 out[a - start:a - start + len(chunk)] = chunk
 
+    def _payload(self, seq):
+        data = self._payloads.pop(seq, None)
+        if data is None:
+            data = self.reader.payload(self.reader.record(seq))
+            if len(self._payloads) >= 32:
+                self._payloads.pop(next(iter(self._payloads)))
+        self._payloads[seq] = data
+        return data
+
     def _image_bytes(self, start, end):
         i = max(0, bisect.bisect_right(self.starts, start) - 1)
         while i < len(self.extents) and self.extents[i][0] < end:
@@ -72,10 +80,7 @@ class _Expected:
                 if rtype == fmt.ZERO:
                     yield lo, bytes(hi - lo)
                 else:
-                    if seq != self._payload_seq:
-                        self._payload = self.reader.payload(self.reader.record(seq))
-                        self._payload_seq = seq
-                    yield lo, self._payload[lo - addr:hi - addr]
+                    yield lo, self._payload(seq)[lo - addr:hi - addr]
             i += 1
 
 

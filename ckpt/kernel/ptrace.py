@@ -162,43 +162,50 @@ class Tracee:
 
     # -- syscall injection -----------------------------------------------------------
     def inject(self, syscall_insn, nr, *args):
-        """Run one syscall in this stopped thread at a `syscall` instruction; return its result.
+        """Run one syscall in this stopped thread; see inject_many."""
+        return self.inject_many(syscall_insn, [(nr, args)])[0]
+
+    def inject_many(self, syscall_insn, calls):
+        """Run syscalls [(nr, args), ...] in this stopped thread at a `syscall` instruction;
+        return their results.
 
         Registers and signal mask are restored afterwards, so an interrupted system call of
         the thread restarts as if nothing happened (orig_rax = -1 during the injection keeps
-        the kernel's restart logic away from our fake rip).
+        the kernel's restart logic away from our fake rip). Signals are blocked meanwhile.
         """
         saved = self.get_regs()
         saved_mask = self.get_sigmask()
-        regs = user_regs_struct()
-        ctypes.pointer(regs)[0] = saved
-        regs.rip = syscall_insn
-        regs.rax = nr
-        regs.orig_rax = 0xFFFFFFFFFFFFFFFF
-        names = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
-        for name, val in zip(names, args):
-            setattr(regs, name, val & 0xFFFFFFFFFFFFFFFF)
+        results = []
         self.set_sigmask(0xFFFFFFFFFFFFFFFF)
         try:
-            self.set_regs(regs)
-            _call(pt.PTRACE_SINGLESTEP, self.tid, 0, 0)
-            while True:
-                _, st = os.waitpid(self.tid, WALL)
-                if os.WIFEXITED(st) or os.WIFSIGNALED(st):
-                    raise ProcessLookupError(errno.ESRCH, "thread %d exited during an injected syscall" % self.tid)
-                if os.WIFSTOPPED(st) and os.WSTOPSIG(st) == signal.SIGTRAP and (st >> 16) == 0:
-                    break
-                if os.WIFSTOPPED(st) and (st >> 16) == 0:
-                    # another signal arrived meanwhile: remember it, keep stepping
-                    self.pending_signal = os.WSTOPSIG(st)
-                    _call(pt.PTRACE_SINGLESTEP, self.tid, 0, 0)
-                    continue
-                _call(pt.PTRACE_SINGLESTEP, self.tid, 0, 0)
-            result = to_signed(self.get_regs().rax)
+            for nr, args in calls:
+                regs = user_regs_struct()
+                ctypes.pointer(regs)[0] = saved
+                regs.rip = syscall_insn
+                regs.rax = nr
+                regs.orig_rax = 0xFFFFFFFFFFFFFFFF
+                for name, val in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
+                    setattr(regs, name, val & 0xFFFFFFFFFFFFFFFF)
+                self.set_regs(regs)
+                self._step()
+                results.append(to_signed(self.get_regs().rax))
         finally:
             self.set_regs(saved)
             self.set_sigmask(saved_mask)
-        return result
+        return results
+
+    def _step(self):
+        _call(pt.PTRACE_SINGLESTEP, self.tid, 0, 0)
+        while True:
+            _, st = os.waitpid(self.tid, WALL)
+            if os.WIFEXITED(st) or os.WIFSIGNALED(st):
+                raise ProcessLookupError(errno.ESRCH, "thread %d exited during an injected syscall" % self.tid)
+            if os.WIFSTOPPED(st) and (st >> 16) == 0:
+                if os.WSTOPSIG(st) == signal.SIGTRAP:
+                    return
+                # another signal arrived meanwhile: keep it for later, keep stepping
+                self.pending_signal = os.WSTOPSIG(st)
+            _call(pt.PTRACE_SINGLESTEP, self.tid, 0, 0)
 
 
 def fixup_restart(regs_dict):

@@ -1,50 +1,63 @@
 """Syscalls run inside a stopped thread of the target, with a scratch area on its own stack.
 
 The scratch area lies below the thread's red zone; its bytes are saved before and written back
-after each call, so the target's memory is left exactly as it was.
+after each batch, so the target's memory is left exactly as it was.
 """
 import struct
 
 from ckpt.kernel.memio import MemIO
 
 RED_ZONE = 128
-SCRATCH = 256
+SCRATCH = 1024
+
+
+class Out:
+    """An output buffer argument of `size` bytes in the scratch area."""
+
+    def __init__(self, size):
+        self.size = (size + 15) & ~15
 
 
 class Injector:
-    def __init__(self, pid, tracee, syscall_insn):
+    def __init__(self, pid, syscall_insn, mem=None):
         self.pid = pid
-        self.t = tracee
         self.insn = syscall_insn
-        self.mem = MemIO(pid, write=True)
+        self._own_mem = mem is None
+        self.mem = mem or MemIO(pid, write=True)
 
     def close(self):
-        self.mem.close()
+        if self._own_mem:
+            self.mem.close()
 
-    def call(self, nr, *args):
-        return self.t.inject(self.insn, nr, *args)
-
-    def call_out(self, nr, size, make_args, data_in=b""):
-        """Run a syscall that fills `size` bytes at a scratch address; return (result, bytes).
-
-        make_args(scratch) gives the syscall arguments; data_in is placed at scratch first.
-        """
-        assert size <= SCRATCH and len(data_in) <= SCRATCH
-        rsp = self.t.get_regs().rsp
-        scratch = (rsp - RED_ZONE - SCRATCH) & ~0xF
+    def run(self, tracee, calls):
+        """Run [(nr, args)] in one stopped thread. An Out(size) among args is replaced by a
+        scratch address; returns [(result, bytes of that Out or None)]."""
+        need = sum(a.size for _, args in calls for a in args if isinstance(a, Out))
+        assert need <= SCRATCH, "scratch area too small"
+        if not need:
+            return [(r, None) for r in tracee.inject_many(self.insn, calls)]
+        scratch = (tracee.get_regs().rsp - RED_ZONE - SCRATCH) & ~0xF
         saved = bytearray(SCRATCH)
         self._io(self.mem.read_runs, scratch, saved)
         try:
-            if data_in:
-                buf = bytearray(SCRATCH)
-                buf[:len(data_in)] = data_in
-                self._io(self.mem.write_runs, scratch, buf)
-            res = self.call(nr, *make_args(scratch))
+            placed, slots, off = [], [], 0
+            for nr, args in calls:
+                real, slot = [], None
+                for a in args:
+                    if isinstance(a, Out):
+                        slot = (off, a.size)
+                        real.append(scratch + off)
+                        off += a.size
+                    else:
+                        real.append(a)
+                placed.append((nr, real))
+                slots.append(slot)
+            results = tracee.inject_many(self.insn, placed)
             out = bytearray(SCRATCH)
             self._io(self.mem.read_runs, scratch, out)
         finally:
             self._io(self.mem.write_runs, scratch, saved)
-        return res, bytes(out[:size])
+        return [(r, bytes(out[s[0]:s[0] + s[1]]) if s else None) for r, s in zip(results, slots)]
 
     @staticmethod
     def _io(op, addr, buf):
@@ -52,10 +65,6 @@ class Injector:
         if st[0]:
             raise OSError(st[0], "scratch area at %#x of the target's stack" % addr)
 
-    def u64_out(self, nr, *args):
-        """For calls like prctl(PR_GET_TID_ADDRESS, &out): args may contain the marker OUT."""
-        res, data = self.call_out(nr, 8, lambda s: [s if a is OUT else a for a in args])
-        return res, struct.unpack("<Q", data)[0]
 
-
-OUT = object()
+def u64(data):
+    return struct.unpack_from("<Q", data)[0]

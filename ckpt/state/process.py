@@ -8,7 +8,7 @@ import os
 import struct
 
 from ckpt.kernel import procfs
-from ckpt.state.inject import Injector
+from ckpt.state.inject import Out
 
 SYS_rt_sigaction = 13
 SYS_brk = 12
@@ -33,30 +33,27 @@ def credentials(pid):
     }
 
 
-def dump_process(pid, leader, syscall_insn):
+def dump_process(pid, leader, injector):
     st = procfs.status(pid)
     stat = procfs.stat_fields(pid)
-    inj = Injector(pid, leader, syscall_insn)
-    try:
-        mm = procfs.mm_fields(pid)
-        mm["brk"] = inj.call(SYS_brk, 0)
-        handlers = {}
-        for sig in sorted(set(_mask_bits(st["SigCgt"]) + _mask_bits(st["SigIgn"]))):
-            if sig in (SIGKILL, SIGSTOP):
-                continue
-            res, raw = inj.call_out(SYS_rt_sigaction, 32, lambda s: [sig, 0, s, 8])
-            if res == 0:
-                handler, flags, restorer, mask = struct.unpack("<QQQQ", raw)
-                handlers[str(sig)] = {"handler": handler, "flags": flags, "restorer": restorer, "mask": mask}
-        timers = {}
-        for which, name in ((0, "real"), (1, "virtual"), (2, "prof")):
-            res, raw = inj.call_out(SYS_getitimer, 32, lambda s: [which, s])
-            if res == 0:
-                isec, iusec, vsec, vusec = struct.unpack("<qqqq", raw)
-                if isec or iusec or vsec or vusec:
-                    timers[name] = {"interval": [isec, iusec], "value": [vsec, vusec]}
-    finally:
-        inj.close()
+    mm = procfs.mm_fields(pid)
+    sigs = [s for s in sorted(set(_mask_bits(st["SigCgt"]) + _mask_bits(st["SigIgn"]))) if s not in (SIGKILL, SIGSTOP)]
+    calls = [(SYS_brk, (0,))]
+    calls += [(SYS_rt_sigaction, (sig, 0, Out(32), 8)) for sig in sigs]
+    calls += [(SYS_getitimer, (which, Out(32))) for which in (0, 1, 2)]
+    res = injector.run(leader, calls)
+    mm["brk"] = res[0][0]
+    handlers = {}
+    for sig, (r, raw) in zip(sigs, res[1:1 + len(sigs)]):
+        if r == 0:
+            handler, flags, restorer, mask = struct.unpack("<QQQQ", raw)
+            handlers[str(sig)] = {"handler": handler, "flags": flags, "restorer": restorer, "mask": mask}
+    timers = {}
+    for name, (r, raw) in zip(("real", "virtual", "prof"), res[1 + len(sigs):]):
+        if r == 0:
+            isec, iusec, vsec, vusec = struct.unpack("<qqqq", raw)
+            if isec or iusec or vsec or vusec:
+                timers[name] = {"interval": [isec, iusec], "value": [vsec, vusec]}
     try:
         personality = int(open(procfs.proc(pid, "personality")).read(), 16)
     except OSError:

@@ -8,14 +8,14 @@ import struct
 
 from ckpt.kernel.native import ffi, lib
 from ckpt.kernel.ptrace import peek_siginfo, regs_to_dict
-from ckpt.state.inject import OUT, Injector
+from ckpt.state.inject import Out, u64
 
 SYS_sigaltstack = 131
 SYS_prctl = 157
 PR_GET_TID_ADDRESS = 40
 
 
-def dump_thread(pid, tracee, syscall_insn):
+def dump_thread(tracee, injector):
     t = tracee
     d = {
         "tid": t.tid,
@@ -29,14 +29,10 @@ def dump_thread(pid, tracee, syscall_insn):
     head, length = ffi.new("uint64_t *"), ffi.new("uint64_t *")
     if lib.ck_get_robust_list(t.tid, head, length) == 0:
         d["robust_list"] = {"head": head[0], "len": length[0]}
-    inj = Injector(pid, t, syscall_insn)
-    try:
-        res, addr = inj.u64_out(SYS_prctl, PR_GET_TID_ADDRESS, OUT)
-        d["tid_address"] = addr if res == 0 else None
-        res, raw = inj.call_out(SYS_sigaltstack, 24, lambda s: [0, s])
-        if res == 0:
-            sp, flags, _, size = struct.unpack("<QiiQ", raw)
-            d["altstack"] = {"sp": sp, "flags": flags, "size": size}
-    finally:
-        inj.close()
+    (r1, tidaddr), (r2, alt) = injector.run(t, [(SYS_prctl, (PR_GET_TID_ADDRESS, Out(8))),
+                                                (SYS_sigaltstack, (0, Out(24)))])
+    d["tid_address"] = u64(tidaddr) if r1 == 0 else None
+    if r2 == 0:
+        sp, flags, _, size = struct.unpack_from("<QiiQ", alt)
+        d["altstack"] = {"sp": sp, "flags": flags, "size": size}
     return d
