@@ -103,6 +103,47 @@ def dump(pid, output, leave_running, max_pause, rounds, mode, verify, compress, 
 
 @main.command()
 @click.argument("image", type=click.Path())
+@click.option("--pidfile", type=click.Path(dir_okay=False), help="write the restored PID here")
+@click.option("--foreground", is_flag=True, help="stay the parent, wait, and exit with the process's status")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object with the results")
+def restore(image, pidfile, foreground, as_json):
+    """Bring a dumped process back: same PID and thread IDs, same memory, all threads."""
+    from ckpt.restore.build import RestoreOptions
+    from ckpt.restore.build import restore as do_restore
+    opts = RestoreOptions(pidfile=pidfile, foreground=foreground,
+                          warn=lambda m: click.echo("ckpt: warning: %s" % m, err=True))
+    try:
+        res = do_restore(image, opts)
+    except CkptError as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(res))
+    else:
+        click.echo("restored process %d (%d threads): %d pages written in %.1f ms"
+                   % (res["pid"], len(res["threads"]), res["pages_written"], res["restore_ms"]))
+    sys.stdout.flush()
+    if foreground:
+        status = _wait_foreground(res["pid"])
+        sys.exit(status)
+
+
+def _wait_foreground(pid):
+    """Wait for the restored child; its exit status, or 128 + the signal that killed it."""
+    while True:
+        try:
+            _, st = os.waitpid(pid, 0)
+        except ChildProcessError:
+            return 0
+        except InterruptedError:
+            continue
+        if os.WIFEXITED(st):
+            return os.WEXITSTATUS(st)
+        if os.WIFSIGNALED(st):
+            return 128 + os.WTERMSIG(st)
+
+
+@main.command()
+@click.argument("image", type=click.Path())
 @click.option("--json", "as_json", is_flag=True)
 def info(image, as_json):
     """Show what an image holds."""

@@ -83,4 +83,19 @@ struct pm_scan_arg {
 #define __NR_pidfd_getfd 438
 #endif
 
+/* clone3(2) arguments, as of Linux 5.7 (set_tid, set_tid_size) */
+struct ck_clone_args {
+	__u64 flags;
+	__u64 pidfd;
+	__u64 child_tid;
+	__u64 parent_tid;
+	__u64 exit_signal;
+	__u64 stack;
+	__u64 stack_size;
+	__u64 tls;
+	__u64 set_tid;
+	__u64 set_tid_size;
+	__u64 cgroup;
+};
+
 #endif /* CKPT_COMPAT_H */

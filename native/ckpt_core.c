@@ -7,12 +7,15 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/ioctl.h>
+#include <sys/ptrace.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -278,6 +281,30 @@ int ck_get_robust_list(int tid, uint64_t *head, uint64_t *len)
 	return 0;
 }
 
+/*
+ * A child with the given PID (clone3 set_tid), stopped under ptrace before it runs any code of
+ * ours: it asks to be traced and stops itself. It is a copy of the calling process; the restorer
+ * then replaces its whole address space by injected syscalls. Only raw syscalls run in the child.
+ */
+int ck_spawn_stopped(int pid)
+{
+	pid_t tid = pid;
+	struct ck_clone_args args;
+	memset(&args, 0, sizeof(args));
+	args.exit_signal = SIGCHLD;
+	args.set_tid = (uint64_t)(uintptr_t)&tid;
+	args.set_tid_size = 1;
+	long r = syscall(__NR_clone3, &args, sizeof(args));
+	if (r < 0)
+		return -errno;
+	if (r == 0) {
+		syscall(SYS_ptrace, PTRACE_TRACEME, 0, 0, 0);
+		syscall(SYS_kill, syscall(SYS_getpid), SIGSTOP);
+		syscall(SYS_exit_group, 127);
+	}
+	return (int)r;
+}
+
 /* --------------------------------------------- sync uffd-wp tracker thread */
 
 struct ck_tracker {
@@ -414,4 +441,31 @@ void ck_tracker_stop(struct ck_tracker *t)
 	free(t->pages);
 	pthread_mutex_destroy(&t->lock);
 	free(t);
+}
+
+/*
+ * The bytes buffered in a pipe, copied without consuming them: tee() into a private pipe,
+ * then read that. Returns the number of bytes (at most cap) or -errno.
+ */
+int64_t ck_pipe_peek(int src_fd, uint8_t *dst, int64_t cap)
+{
+	int p[2];
+	if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0)
+		return -errno;
+	fcntl(p[1], F_SETPIPE_SZ, (int)cap);
+	int64_t total = 0;
+	ssize_t n = tee(src_fd, p[1], (size_t)cap, SPLICE_F_NONBLOCK);
+	if (n < 0 && errno != EAGAIN) {
+		total = -errno;
+	} else if (n > 0) {
+		while (total < n) {
+			ssize_t r = read(p[0], dst + total, (size_t)(n - total));
+			if (r <= 0)
+				break;
+			total += r;
+		}
+	}
+	close(p[0]);
+	close(p[1]);
+	return total;
 }

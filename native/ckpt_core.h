@@ -21,6 +21,8 @@ int64_t ck_first_diff_page(const uint8_t *a, const uint8_t *b, int64_t npages, u
 int ck_pidfd_open(int pid);
 int ck_pidfd_getfd(int pidfd, int fd);
 int ck_get_robust_list(int tid, uint64_t *head, uint64_t *len);
+int ck_spawn_stopped(int pid);
+int64_t ck_pipe_peek(int src_fd, uint8_t *dst, int64_t cap);
 
 struct ck_tracker;
 struct ck_tracker *ck_tracker_start(int uffd);

@@ -134,6 +134,7 @@ class Dump:
     def run(self):
         maps = check_target(self.pid)
         refuse_untrackable(self.pid, maps)
+        dump_fds(self.pid, peek=False)   # an fd restore could not rebuild fails the dump up front
         self.mode = self._choose_mode()
         out_dir = os.path.dirname(os.path.abspath(self.opts.output))
         try:

@@ -112,15 +112,16 @@ class ImageReader:
             raise ImageError("%s: truncated: record at offset %d runs past the end of the file" % (self.path, off))
         return r
 
-    def _payload_raw(self, rec):
+    def _payload_raw(self, rec, check=True):
         data = self._pread(rec.payload_offset, rec.length)
-        if rec.length and zlib.crc32(data) != rec.pcrc:
+        if check and rec.length and zlib.crc32(data) != rec.pcrc:
             raise ImageError("%s: corrupt %s record at offset %d (payload checksum mismatch)"
                              % (self.path, rec.type_name, rec.offset))
         return data
 
-    def payload(self, rec):
-        data = self._payload_raw(rec)
+    def payload(self, rec, check=True):
+        """The record's content, decompressed. check=False skips the crc (already verified)."""
+        data = self._payload_raw(rec, check)
         if rec.comp == fmt.LZ4:
             try:
                 data = lz4.frame.decompress(data)

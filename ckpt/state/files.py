@@ -1,14 +1,36 @@
-"""The fd table. Each kind of fd is one class with its dump half (and, where supported, its
-restore half); adding a kind means one class in its module and one line in KINDS."""
+"""The fd table. Each kind of fd is one class with its dump half and its restore half; adding a
+kind means one class and one line in KINDS.
+
+Restore creates every object at a high fd number first, then dup2()s each onto its number and
+sets its flags and position, so objects never clobber each other's numbers.
+
+Standard streams (0, 1, 2) that were a terminal, a pipe or a socket leading out of the process
+are attached to ckpt's own, the way `criu --shell-job` treats a shell job.
+"""
+import base64
 import os
 import stat
+import struct
 
-from ckpt.kernel import procfs
+from ckpt.errors import RestoreError, TargetError
+from ckpt.kernel import procfs, sysno
+from ckpt.kernel.native import ffi, lib
+
+O_ACCMODE = 3
+O_WRONLY, O_RDWR = 1, 2
+O_CREAT, O_EXCL, O_NOCTTY, O_TRUNC = 0o100, 0o200, 0o400, 0o1000
+O_CLOEXEC = 0o2000000
+O_DIRECTORY = 0o200000
+F_DUPFD, F_SETFD, F_SETFL = 0, 2, 4
+AT_FDCWD = -100
+PIPE_PEEK_MAX = 1 << 20
+_OPEN_MASK = ~(O_CREAT | O_EXCL | O_NOCTTY | O_TRUNC | O_CLOEXEC)
 
 
 class FdKind:
     name = "?"
     restorable = False
+    inherit_stdio = False   # as fd 0-2, may be replaced by ckpt's own stream
 
     @staticmethod
     def match(link, st):
@@ -17,6 +39,17 @@ class FdKind:
     @classmethod
     def dump(cls, pid, fd, link, st, info):
         return {"path": link}
+
+    @classmethod
+    def create(cls, remote, entry, table):
+        """Create the object in the restored process; return a fd number there."""
+        raise RestoreError("fd %d: kind %s cannot be restored" % (entry["fd"], entry["kind"]))
+
+
+def _open(remote, path, flags):
+    remote.reset()
+    return remote.call(sysno.openat, AT_FDCWD, remote.put_str(path), flags & _OPEN_MASK, 0,
+                       what="opening %s" % path)
 
 
 class RegularFile(FdKind):
@@ -29,8 +62,15 @@ class RegularFile(FdKind):
 
     @classmethod
     def dump(cls, pid, fd, link, st, info):
-        return {"path": link, "deleted": link.endswith(" (deleted)"), "dev": st.st_dev, "inode": st.st_ino,
-                "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        if link.endswith(" (deleted)"):
+            raise TargetError("process %d: fd %d refers to a deleted file (%s): not supported yet" % (pid, fd, link))
+        return {"path": link, "dev": st.st_dev, "inode": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+    @classmethod
+    def create(cls, remote, entry, table):
+        if not os.path.exists(entry["path"]):
+            raise RestoreError("fd %d: file %s no longer exists" % (entry["fd"], entry["path"]))
+        return _open(remote, entry["path"], entry["flags"])
 
 
 class Directory(FdKind):
@@ -40,6 +80,10 @@ class Directory(FdKind):
     @staticmethod
     def match(link, st):
         return st is not None and stat.S_ISDIR(st.st_mode)
+
+    @classmethod
+    def create(cls, remote, entry, table):
+        return _open(remote, entry["path"], entry["flags"] | O_DIRECTORY)
 
 
 class CharDevice(FdKind):
@@ -54,10 +98,22 @@ class CharDevice(FdKind):
     def dump(cls, pid, fd, link, st, info):
         return {"path": link, "rdev": st.st_rdev, "tty": os.major(st.st_rdev) in (4, 5, 136)}
 
+    @classmethod
+    def create(cls, remote, entry, table):
+        if entry.get("tty"):
+            # a terminal other than the standard streams: ckpt's terminal, if it has one
+            for std in (0, 1, 2):
+                if os.isatty(std):
+                    return _open(remote, os.ttyname(std), entry["flags"] | O_NOCTTY)
+            return _open(remote, "/dev/null", entry["flags"])
+        return _open(remote, entry["path"], entry["flags"])
+
 
 class Pipe(FdKind):
+    """Anonymous pipes and FIFOs, with the bytes buffered in them at the freeze."""
     name = "pipe"
     restorable = True
+    inherit_stdio = True
 
     @staticmethod
     def match(link, st):
@@ -66,6 +122,38 @@ class Pipe(FdKind):
     @classmethod
     def dump(cls, pid, fd, link, st, info):
         return {"path": link, "inode": st.st_ino if st else None, "fifo": not link.startswith("pipe:")}
+
+    @staticmethod
+    def peek(pid, fd):
+        """The pipe's buffered bytes, without taking them out (tee into a private pipe)."""
+        try:
+            src = os.open(procfs.proc(pid, "fd", str(fd)), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return b""
+        try:
+            buf = ffi.new("uint8_t[]", PIPE_PEEK_MAX)
+            n = lib.ck_pipe_peek(src, buf, PIPE_PEEK_MAX)
+            return bytes(ffi.buffer(buf, n)) if n > 0 else b""
+        finally:
+            os.close(src)
+
+    @classmethod
+    def create(cls, remote, entry, table):
+        key = ("pipe", entry["inode"])
+        if key not in table.objects:
+            remote.reset()
+            fds_addr = remote.alloc(8)
+            remote.call(sysno.pipe2, fds_addr, 0, what="pipe2")
+            r, w = struct.unpack("<ii", remote.read(fds_addr, 8))
+            data = base64.b64decode(entry.get("data") or b"")
+            if data:
+                remote.reset()
+                n = remote.call(sysno.write, w, remote.put(data), len(data), what="refilling a pipe")
+                if n != len(data):
+                    raise RestoreError("pipe %s: only %d of %d buffered bytes could be put back" % (entry["path"], n, len(data)))
+            table.objects[key] = (table.park(r), table.park(w))
+        r, w = table.objects[key]
+        return w if entry["flags"] & O_ACCMODE == O_WRONLY else r
 
 
 class Memfd(FdKind):
@@ -78,6 +166,7 @@ class Memfd(FdKind):
 
 class Socket(FdKind):
     name = "socket"
+    inherit_stdio = True
 
     @staticmethod
     def match(link, st):
@@ -98,6 +187,7 @@ class AnonInode(FdKind):
 
 
 KINDS = [Pipe, Memfd, Socket, AnonInode, RegularFile, Directory, CharDevice]
+BY_NAME = {k.name: k for k in KINDS}
 
 
 def kind_of(link, st):
@@ -107,13 +197,19 @@ def kind_of(link, st):
     return FdKind
 
 
-def dump_fds(pid):
+def _stdio_inherited(fd, kind, entry):
+    return fd <= 2 and (kind.inherit_stdio or entry.get("tty"))
+
+
+def dump_fds(pid, peek=True):
+    """The fd table; refuses (TargetError, naming fd and kind) what restore could not rebuild.
+    With peek=False it only checks (used up front, before the dump starts)."""
     table = []
     for fd in procfs.fds(pid):
         try:
             link = os.readlink(procfs.proc(pid, "fd", str(fd)))
             info = procfs.fdinfo(pid, fd)
-        except FileNotFoundError:
+        except (FileNotFoundError, TargetError):
             continue  # closed meanwhile
         try:
             st = os.stat(procfs.proc(pid, "fd", str(fd)))
@@ -121,15 +217,75 @@ def dump_fds(pid):
             st = None
         kind = kind_of(link, st)
         entry = {"fd": fd, "kind": kind.name, "flags": int(info.get("flags", "0"), 8),
-                 "pos": int(info.get("pos", "0")), "restorable": kind.restorable}
+                 "pos": int(info.get("pos", "0"))}
         entry.update(kind.dump(pid, fd, link, st, info))
+        entry["inherit"] = bool(_stdio_inherited(fd, kind, entry))
+        if not kind.restorable and not entry["inherit"]:
+            raise TargetError("process %d: fd %d is a %s (%s): this kind of fd is not supported yet"
+                              % (pid, fd, kind.name, link))
         table.append(entry)
+    if not peek:
+        return table
+    # the bytes buffered in each pipe
+    ends = {}
+    for e in table:
+        if e["kind"] == "pipe" and not e["inherit"]:
+            ends.setdefault(e["inode"], []).append(e)
+    for inode, group in ends.items():
+        data = Pipe.peek(pid, group[0]["fd"])
+        for e in group:
+            e["data"] = base64.b64encode(data).decode()
     return table
 
 
+class _Table:
+    """Objects created so far in the restored process, parked above every target number."""
+
+    def __init__(self, remote, base):
+        self.remote = remote
+        self.base = base
+        self.objects = {}
+        self.parked = []
+
+    def park(self, fd):
+        high = self.remote.call(sysno.fcntl, fd, F_DUPFD, self.base, what="fcntl(F_DUPFD)")
+        self.remote.call(sysno.close, fd)
+        self.parked.append(high)
+        return high
+
+
+def restore_fds(remote, table_entries):
+    """Rebuild the fd table of the restored process (a copy of ckpt: it holds ckpt's fds)."""
+    remote.call(sysno.close_range, 3, 0xFFFFFFFF, 0, what="close_range")
+    keep = {e["fd"] for e in table_entries if e.get("inherit")}
+    for std in (0, 1, 2):
+        if std not in keep:
+            remote.call(sysno.close, std, ok_errors=(9,))
+    base = max([e["fd"] for e in table_entries] + [2]) + 1
+    table = _Table(remote, base)
+    placed = []
+    for e in table_entries:
+        if e.get("inherit"):
+            continue
+        kind = BY_NAME.get(e["kind"], FdKind)
+        fd = kind.create(remote, e, table)
+        if fd < base:
+            fd = table.park(fd)
+        placed.append((e, fd))
+    for e, fd in placed:
+        n = e["fd"]
+        remote.call(sysno.dup2, fd, n, what="dup2 onto fd %d" % n)
+        remote.call(sysno.fcntl, n, F_SETFL, e["flags"] & ~(O_ACCMODE | O_CLOEXEC), what="fcntl(F_SETFL) of fd %d" % n)
+        remote.call(sysno.fcntl, n, F_SETFD, 1 if e["flags"] & O_CLOEXEC else 0, what="fcntl(F_SETFD) of fd %d" % n)
+        if e["kind"] == "file" and e["pos"]:
+            remote.call(sysno.lseek, n, e["pos"], 0, what="lseek of fd %d" % n)
+    for fd in set(table.parked):
+        remote.call(sysno.close, fd, ok_errors=(9,))
+
+
 def refuse_untrackable(pid, maps):
-    """Kernel I/O that writes memory behind the tracker's back: refuse clearly (DESIGN 3)."""
-    from ckpt.errors import TargetError
+    """Kernel I/O that writes memory behind the tracker's back, and state that restore cannot
+    rebuild faithfully: refuse clearly and up front (DESIGN section 3)."""
     for v in maps:
         if v.path.startswith(("/[aio]", "[aio]")) or "io_uring" in v.path:
             raise TargetError("process %d has asynchronous I/O mapped at %#x (%s): in-flight DMA cannot be "
@@ -142,3 +298,7 @@ def refuse_untrackable(pid, maps):
         if link == "anon_inode:[io_uring]":
             raise TargetError("process %d has an io_uring (fd %d): its fixed buffers and in-flight I/O bypass "
                               "write tracking; not supported yet" % (pid, fd))
+    st = procfs.status(pid)
+    if st.get("Seccomp", "0") != "0":
+        raise TargetError("process %d runs under a seccomp filter, which restore cannot rebuild; not supported yet"
+                          % pid)

@@ -15,6 +15,14 @@ SYS_prctl = 157
 PR_GET_TID_ADDRESS = 40
 
 
+def _comm(tid):
+    try:
+        with open("/proc/%d/comm" % tid) as f:
+            return f.read().rstrip("\n")
+    except OSError:
+        return None
+
+
 def dump_thread(tracee, injector):
     t = tracee
     d = {
@@ -25,6 +33,7 @@ def dump_thread(tracee, injector):
         "rseq": t.get_rseq(),
         "signals": [base64.b64encode(s).decode() for s in peek_siginfo(t.tid)],
         "stop_signal": t.pending_signal,   # taken off the queue by a signal-delivery-stop
+        "comm": _comm(t.tid),
     }
     head, length = ffi.new("uint64_t *"), ffi.new("uint64_t *")
     if lib.ck_get_robust_list(t.tid, head, length) == 0:
@@ -36,3 +45,75 @@ def dump_thread(tracee, injector):
         sp, flags, _, size = struct.unpack_from("<QiiQ", alt)
         d["altstack"] = {"sp": sp, "flags": flags, "size": size}
     return d
+
+
+# ---------------------------------------------------------------------------- restore half
+CLONE_THREAD_FLAGS = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000  # VM FS FILES SIGHAND THREAD SYSVSEM
+PR_SET_NAME = 15
+RSEQ_FLAG_UNREGISTER = 1
+
+
+def create_thread(remote, tid):
+    """clone3(CLONE_THREAD, set_tid={tid}) in the main thread; the new thread is traced from its
+    first instruction (PTRACE_O_TRACECLONE) and never runs before its registers are set."""
+    from ckpt.kernel import sysno
+    from ckpt.kernel.ptrace import Tracee
+    remote.reset()
+    tids = remote.put(struct.pack("<i", tid))
+    args = remote.put(struct.pack("<11Q", CLONE_THREAD_FLAGS, 0, 0, 0, 0, 0, 0, 0, tids, 1, 0))
+    remote.call(sysno.clone3, args, 88, what="creating thread %d (clone3 set_tid)" % tid)
+    t = Tracee(tid)
+    if not t.wait_stop():
+        from ckpt.errors import RestoreError
+        raise RestoreError("thread %d vanished right after its creation" % tid)
+    remote.threads[tid] = t
+    return t
+
+
+def restore_thread_state(remote, d):
+    """Kernel state of one thread that only the thread itself can set: rseq, robust list,
+    clear-child-tid address, alternate signal stack, name."""
+    from ckpt.kernel import sysno
+    tid = d["tid"]
+    remote.reset()
+    calls = []
+    if d.get("robust_list"):
+        calls.append((sysno.set_robust_list, (d["robust_list"]["head"], d["robust_list"]["len"])))
+    if d.get("tid_address") is not None:
+        calls.append((sysno.set_tid_address, (d["tid_address"],)))
+    alt = d.get("altstack")
+    if alt and not alt["flags"] & 2:   # SS_DISABLE
+        calls.append((sysno.sigaltstack, (remote.put(struct.pack("<QiiQ", alt["sp"], alt["flags"] & ~1, 0, alt["size"])), 0)))
+    if d.get("comm"):
+        calls.append((sysno.prctl, (PR_SET_NAME, remote.put_str(d["comm"][:15]), 0, 0, 0)))
+    rs = d.get("rseq")
+    if rs:
+        calls.append((sysno.rseq, (rs["ptr"], rs["size"], 0, rs["sig"])))
+    names = {sysno.set_robust_list: "set_robust_list", sysno.set_tid_address: "set_tid_address",
+             sysno.sigaltstack: "sigaltstack", sysno.prctl: "prctl(PR_SET_NAME)", sysno.rseq: "rseq registration"}
+    remote.many(calls, tid=tid, what=lambda nr, a: "%s of thread %d" % (names.get(nr, nr), tid))
+
+
+def restore_thread_regs(remote, d):
+    """Signal mask, xstate and registers, with interrupted system calls set up to restart the
+    way the kernel would have restarted them."""
+    from ckpt.kernel.ptrace import fixup_restart, regs_from_dict
+    t = remote.threads[d["tid"]]
+    t.set_sigmask(d["sigmask"])
+    t.set_xstate(base64.b64decode(d["xstate"]))
+    t.set_regs(regs_from_dict(fixup_restart(dict(d["regs"]))))
+
+
+def requeue_signals(remote, d, pid):
+    """Signals that were queued for the thread at the freeze, queued again."""
+    from ckpt.kernel import sysno
+    remote.reset()
+    calls = []
+    for raw in d.get("signals", []):
+        info = base64.b64decode(raw)
+        sig = struct.unpack_from("<i", info)[0]
+        calls.append((sysno.rt_tgsigqueueinfo, (pid, d["tid"], sig, remote.put(info))))
+    if d.get("stop_signal"):
+        info = struct.pack("<iii", d["stop_signal"], 0, -6) + bytes(116)   # SI_TKILL
+        calls.append((sysno.rt_tgsigqueueinfo, (pid, d["tid"], d["stop_signal"], remote.put(info))))
+    remote.many(calls, tid=d["tid"], what="queueing a pending signal")

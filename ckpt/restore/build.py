@@ -1,0 +1,428 @@
+"""The load algorithm: plan, build, patch, start.
+
+  plan   read and check the whole image before anything is created: every checksum, the
+         architecture and kernel, the mapped files unchanged, the PIDs free
+  build  a fresh process with the original PID (clone3 set_tid), stopped under ptrace; its
+         address space replaced by injected syscalls: unmap everything, move vdso/vvar to the
+         dumped addresses, map every mapping with its file, flags and protection
+  patch  write only the pages that differ from their source: file pages the process never
+         modified come from the mapped file, untouched anonymous pages stay unpopulated
+  start  mm fields, handlers, timers, fds, the other threads (clone3 CLONE_THREAD set_tid),
+         per-thread state and registers, credentials last; then all threads released together
+"""
+import base64
+import errno
+import os
+import signal
+import struct
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from ckpt.errors import CkptError, ImageError, RestoreError
+from ckpt.image import format as fmt
+from ckpt.image.reader import ImageReader
+from ckpt.kernel import procfs, sysno
+from ckpt.kernel.native import PAGE_SIZE, lib
+from ckpt.kernel.ptrace import _call
+from ckpt.kernel.ptrace import find_syscall_insn
+from ckpt.restore.remote import SCRATCH_SIZE, Remote
+from ckpt.state import files, process, threads
+
+PROT = {"r": 1, "w": 2, "x": 4}
+MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
+MAP_GROWSDOWN, MAP_NORESERVE, MAP_FIXED_NOREPLACE = 0x100, 0x4000, 0x100000
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+O_RDONLY, O_RDWR = 0, 2
+PTRACE_SETOPTIONS = 0x4200
+PTRACE_O_TRACECLONE = 8
+TASK_TOP = 0x7FFFFFFFF000
+MMAP_MIN = 0x10000
+WRITE_CHUNK = 8 << 20
+
+
+@dataclass
+class RestoreOptions:
+    pidfile: Optional[str] = None
+    foreground: bool = False
+    warn: Callable = print
+
+
+def _prot(perms):
+    return sum(PROT[c] for c in perms[:3] if c in PROT)
+
+
+class Plan:
+    """Everything restore needs, read and checked before anything is created."""
+
+    def __init__(self, path):
+        self.reader = ImageReader(path)
+        try:
+            self.reader.check_compatible()
+            self.reader.verify()
+            m = self.reader.metas()
+            missing = [k for k in ("process", "threads", "mappings", "fds") if k not in m]
+            if missing:
+                raise ImageError("%s: incomplete image: no %s record" % (path, ", ".join(missing)))
+            self.proc = m["process"]
+            self.threads = m["threads"]
+            self.maps = m["mappings"]
+            self.fds = m["fds"]
+            self.pid = self.proc["pid"]
+            self._check_files()
+            self._check_pids()
+        except BaseException:
+            self.reader.close()
+            raise
+
+    def _check_files(self):
+        seen = set()
+        for m in self.maps:
+            fid = m.get("file")
+            if m["kind"] not in ("file-private", "file-shared") or not fid or m["path"] in seen:
+                continue
+            seen.add(m["path"])
+            _check_identity(m["path"], fid, "mapped file")
+        exe = self.proc.get("exe_file")
+        if exe:
+            _check_identity(self.proc["exe"], exe, "executable")
+        if not os.path.isdir(self.proc["cwd"]):
+            raise RestoreError("working directory %s no longer exists" % self.proc["cwd"])
+
+    def _check_pids(self):
+        for t in self.threads:
+            if os.path.exists("/proc/%d" % t["tid"]):
+                owner = _comm(t["tid"])
+                raise RestoreError("PID %d is in use (by %s); the process must get its original PID%s back"
+                                   % (t["tid"], owner, "" if t["tid"] == self.pid else " and thread IDs"))
+
+    def close(self):
+        self.reader.close()
+
+
+def _comm(pid):
+    try:
+        with open("/proc/%d/comm" % pid) as f:
+            return "%s, PID %d" % (f.read().strip(), pid)
+    except OSError:
+        return "PID %d" % pid
+
+
+def _check_identity(path, fid, what):
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise RestoreError("%s %s is missing (it was mapped at the dump)" % (what, path)) from None
+    if st.st_size != fid["size"] or st.st_mtime_ns != fid["mtime_ns"] or st.st_ino != fid["inode"]:
+        raise RestoreError("%s %s changed since the dump (size %d -> %d, mtime or inode differ)"
+                           % (what, path, fid["size"], st.st_size))
+
+
+# ------------------------------------------------------------------------------- build
+def _free_gap(busy, size, floor=0x100000000):
+    """An address range of `size` bytes free of every (start, end) in busy."""
+    cand = floor
+    for s, e in sorted(busy):
+        if e <= cand:
+            continue
+        if s >= cand + size:
+            return cand
+        cand = (e + 0xFFFFF) & ~0xFFFFF
+    if cand + size <= TASK_TOP:
+        return cand
+    raise RestoreError("no free address range of %d bytes for the restorer" % size)
+
+
+def _spawn(pid):
+    r = lib.ck_spawn_stopped(pid)
+    if r < 0:
+        if -r == errno.EEXIST:
+            raise RestoreError("PID %d is in use; the process must get its original PID back" % pid)
+        if -r == errno.EPERM:
+            raise RestoreError("not allowed to choose PID %d (clone3 set_tid needs root)" % pid)
+        raise RestoreError("clone3 for PID %d: %s" % (pid, os.strerror(-r)))
+    _, st = os.waitpid(r, 0x40000000 | os.WUNTRACED)
+    if not os.WIFSTOPPED(st):
+        raise RestoreError("the new process %d did not stop as expected" % r)
+    return r
+
+
+class Builder:
+    def __init__(self, plan, opts):
+        self.plan = plan
+        self.opts = opts
+        self.pid = plan.pid
+        self.remote = None
+        self.timings = {}
+        self.pages_written = 0
+        self.bytes_written = 0
+
+    def _lap(self, name, t):
+        now = time.perf_counter()
+        self.timings[name] = round((now - t) * 1000, 3)
+        return now
+
+    def run(self):
+        t0 = t = time.perf_counter()
+        child = _spawn(self.pid)
+        self.remote = r = Remote(child)
+        try:
+            t = self._lap("spawn", t)
+            self._clear_address_space()
+            t = self._lap("unmap", t)
+            self._map_layout()
+            t = self._lap("map", t)
+            self._patch_pages()
+            t = self._lap("write_pages", t)
+            self._process_state()
+            t = self._lap("process_state", t)
+            self._threads()
+            t = self._lap("threads", t)
+            self._release()
+            self._lap("release", t)
+        except BaseException:
+            self._kill()
+            raise
+        finally:
+            r.close()
+        self.timings["total"] = round((time.perf_counter() - t0) * 1000, 3)
+        return {"pid": self.pid, "threads": [th["tid"] for th in self.plan.threads],
+                "pages_written": self.pages_written, "bytes_written": self.bytes_written,
+                "restore_ms": self.timings["total"], "timings_ms": self.timings,
+                "injected_syscalls": r.calls}
+
+    def _kill(self):
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        for tid in list(self.remote.threads) if self.remote else [self.pid]:
+            try:
+                os.waitpid(tid, 0x40000000)
+            except ChildProcessError:
+                pass
+
+    # -- address space -----------------------------------------------------------------
+    def _clear_address_space(self):
+        r = self.remote
+        cur = procfs.read_maps(self.pid)
+        r.insn = find_syscall_insn(self.pid, cur)
+        # the child inherited ckpt's rseq registration: drop it before its area goes away
+        conf = r.main.get_rseq()
+        if conf:
+            r.call(sysno.rseq, conf["ptr"], conf["size"], threads.RSEQ_FLAG_UNREGISTER, conf["sig"],
+                   what="unregistering the inherited rseq")
+        specials = sorted((v.start, v.end) for v in cur if v.special and v.path != "[vsyscall]")
+        holes, lo = [], MMAP_MIN
+        for s, e in specials:
+            if s > lo:
+                holes.append((lo, s))
+            lo = e
+        holes.append((lo, TASK_TOP))
+        r.many([(sysno.munmap, (s, e - s)) for s, e in holes], what="munmap of the restorer's own memory")
+        # scratch area where nothing of the image or the specials lies
+        busy = [(m["start"], m["end"]) for m in self.plan.maps] + specials
+        scratch = _free_gap(busy, SCRATCH_SIZE)
+        got = r.call(sysno.mmap, scratch, SCRATCH_SIZE, 3, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0,
+                     what="mmap of the scratch area")
+        r.set_scratch(got)
+        self.busy = busy + [(got, got + SCRATCH_SIZE)]
+        self._move_specials(cur)
+
+    def _move_specials(self, cur):
+        r = self.remote
+        now = {v.path: v for v in cur if v.special and v.path != "[vsyscall]"}
+        want = {m["path"]: m for m in self.plan.maps if m["kind"] == "special" and m["path"] != "[vsyscall]"}
+        if set(now) != set(want) or any(now[k].size != want[k]["end"] - want[k]["start"] for k in now):
+            raise RestoreError("the image's vdso/vvar layout (%s) does not match this kernel's (%s): "
+                               "restore needs the kernel the dump was made on"
+                               % (sorted(want), sorted(now)))
+        vdso_off = r.insn - now["[vdso]"].start
+        span = max(v.end for v in now.values()) - min(v.start for v in now.values())
+        park = _free_gap(self.busy + [(v.start, v.end) for v in now.values()], span + 0x100000)
+        parked = {}
+        base = min(v.start for v in now.values())
+        for name, v in now.items():
+            dst = park + (v.start - base)
+            r.call(sysno.mremap, v.start, v.size, v.size, MREMAP_MAYMOVE | MREMAP_FIXED, dst, what="moving %s" % name)
+            parked[name] = dst
+            if name == "[vdso]":
+                r.insn = dst + vdso_off
+        for name, m in want.items():
+            size = m["end"] - m["start"]
+            r.call(sysno.mremap, parked[name], size, size, MREMAP_MAYMOVE | MREMAP_FIXED, m["start"],
+                   what="moving %s to %#x" % (name, m["start"]))
+            if name == "[vdso]":
+                r.insn = m["start"] + vdso_off
+
+    def _map_layout(self):
+        r = self.remote
+        opened = {}       # path or shmem inode -> fd in the child
+        calls = []
+        shm_sizes = {}
+        for m in self.plan.maps:
+            if m["kind"] == "shmem":
+                key = (m["dev"], m["inode"])
+                shm_sizes[key] = max(shm_sizes.get(key, 0), m["offset"] + m["end"] - m["start"])
+        for key, size in shm_sizes.items():
+            r.reset()
+            fd = r.call(sysno.memfd_create, r.put_str("ckpt-shmem"), 1, what="memfd_create")   # MFD_CLOEXEC
+            r.call(sysno.ftruncate, fd, size, what="ftruncate of shared memory")
+            opened[key] = fd
+        for m in self.plan.maps:
+            k = m["kind"]
+            if k not in ("file-private", "file-shared") or m["path"] in opened or (k == "file-private" and _deleted(m)):
+                continue
+            r.reset()
+            mode = O_RDWR if (k == "file-shared" and "w" in m["perms"]) else O_RDONLY
+            opened[m["path"]] = r.call(sysno.openat, files.AT_FDCWD, r.put_str(m["path"]), mode | files.O_CLOEXEC, 0,
+                                       what="opening %s" % m["path"])
+        for m in self.plan.maps:
+            k = m["kind"]
+            size = m["end"] - m["start"]
+            prot = _prot(m["perms"])
+            if k == "special":
+                continue
+            if k == "anon" or (k == "file-private" and _deleted(m)):
+                flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE
+                if m["path"] == "[stack]":
+                    flags |= MAP_GROWSDOWN
+                calls.append((sysno.mmap, (m["start"], size, prot, flags, -1, 0)))
+            elif k == "shmem":
+                calls.append((sysno.mmap, (m["start"], size, prot, MAP_SHARED | MAP_FIXED_NOREPLACE,
+                                           opened[(m["dev"], m["inode"])], m["offset"])))
+            else:
+                share = MAP_SHARED if k == "file-shared" else MAP_PRIVATE
+                calls.append((sysno.mmap, (m["start"], size, prot, share | MAP_FIXED_NOREPLACE,
+                                           opened[m["path"]], m["offset"])))
+        results = r.many(calls, what=lambda nr, a: "mmap at %#x" % a[0])
+        for (nr, a), got in zip(calls, results):
+            if got != a[0]:
+                raise RestoreError("mmap at %#x landed at %#x" % (a[0], got))
+        self.opened_fds = list(opened.values())
+
+    def _patch_pages(self):
+        """Write the pages whose content differs from their source, in large batches."""
+        r = self.remote
+        reader = self.plan.reader
+        spans = []
+        for m in self.plan.maps:
+            if m["kind"] in ("special", "file-shared"):
+                continue
+            spans.append((m["start"], m["end"], m["kind"] in ("anon", "shmem") or _deleted(m)))
+        spans.sort()
+        runs, buf, size = [], bytearray(), 0
+        payloads = {}
+
+        def flush():
+            nonlocal runs, buf, size
+            if runs:
+                st = r.mem.write_runs(runs, buf)
+                bad = [(a, n, e) for (a, n), e in zip(runs, st) if e]
+                if bad:
+                    a, n, e = bad[0]
+                    raise RestoreError("writing %d bytes at %#x: %s" % (n, a, os.strerror(e)))
+                self.pages_written += size // PAGE_SIZE
+                self.bytes_written += size
+            runs, buf, size = [], bytearray(), 0
+
+        extents = reader.extents()
+        j = 0
+        for s, e, zero_src in spans:
+            while j < len(extents) and extents[j][1] <= s:
+                j += 1
+            k = j
+            while k < len(extents) and extents[k][0] < e:
+                es, ee, seq = extents[k]
+                lo, hi = max(es, s), min(ee, e)
+                k += 1
+                if lo >= hi:
+                    continue
+                off, addr, npages, rtype, _ = reader.records[seq]
+                if rtype == fmt.ZERO:
+                    if zero_src:
+                        continue   # fresh anonymous memory is zero already: nothing to write
+                    data = bytes(hi - lo)
+                else:
+                    payload = payloads.get(seq)
+                    if payload is None:
+                        if len(payloads) > 8:
+                            payloads.pop(next(iter(payloads)))
+                        payload = payloads[seq] = reader.payload(reader.record(seq), check=False)
+                    data = memoryview(payload)[lo - addr:hi - addr]
+                runs.append((lo, hi - lo))
+                buf += data
+                size += hi - lo
+                if size >= WRITE_CHUNK:
+                    flush()
+        flush()
+
+    # -- process ------------------------------------------------------------------------
+    def _process_state(self):
+        r = self.remote
+        p = self.plan.proc
+        exe_fd = -1
+        r.reset()
+        exe_fd = r.call(sysno.openat, files.AT_FDCWD, r.put_str(p["exe"]), O_RDONLY | files.O_CLOEXEC, 0,
+                        what="opening the executable %s" % p["exe"])
+        process.restore_mm(r, p, exe_fd)
+        r.many([(sysno.close, (fd,)) for fd in self.opened_fds + [exe_fd]], what="close")
+        process.restore_process(r, p)
+        process.restore_rlimits(self.pid, p, self.opts.warn)
+        files.restore_fds(r, self.plan.fds)
+
+    def _threads(self):
+        r = self.remote
+        main = [t for t in self.plan.threads if t["tid"] == self.pid]
+        if not main:
+            raise RestoreError("image has no state for the main thread %d" % self.pid)
+        others = [t for t in self.plan.threads if t["tid"] != self.pid]
+        if others:
+            _call(PTRACE_SETOPTIONS, self.pid, 0, PTRACE_O_TRACECLONE)
+        for t in others:
+            threads.create_thread(r, t["tid"])
+        for t in self.plan.threads:
+            threads.restore_thread_state(r, t)
+        for t in self.plan.threads:
+            threads.requeue_signals(r, t, self.pid)
+        r.reset()
+        calls = []
+        for raw in self.plan.proc.get("shared_signals", []):
+            info = base64.b64decode(raw)
+            calls.append((sysno.rt_sigqueueinfo, (self.pid, struct.unpack_from("<i", info)[0], r.put(info))))
+        r.many(calls, what="queueing a process-wide pending signal")
+        # last: credentials drop to what was dumped, the scratch area goes, registers are set
+        creds = self.plan.proc["creds"]
+        for t in self.plan.threads:
+            process.restore_credentials(r, t["tid"], creds)
+        r.call(sysno.munmap, r.scratch, SCRATCH_SIZE, what="munmap of the scratch area")
+        r.scratch = None
+        for t in self.plan.threads:
+            threads.restore_thread_regs(r, t)
+        for t in self.plan.threads:
+            problems = process.check_no_more_privilege(self.pid, t["tid"], creds)
+            if problems:
+                raise RestoreError("thread %d would have more privilege than dumped: %s" % (t["tid"], "; ".join(problems)))
+
+    def _release(self):
+        for t in self.remote.threads.values():
+            t.detach()
+
+
+def _deleted(m):
+    return m["path"].endswith(" (deleted)")
+
+
+def restore(path, opts):
+    plan = Plan(path)
+    try:
+        res = Builder(plan, opts).run()
+    finally:
+        plan.close()
+    if opts.pidfile:
+        with open(opts.pidfile, "w") as f:
+            f.write("%d\n" % res["pid"])
+    return res
+
+
+__all__ = ["restore", "RestoreOptions", "CkptError"]

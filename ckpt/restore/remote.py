@@ -1,0 +1,79 @@
+"""The process being rebuilt, driven from outside: syscalls injected at a `syscall` instruction
+of its vdso, with arguments passed through a scratch area mapped at a free address."""
+import os
+
+from ckpt.errors import RestoreError
+from ckpt.kernel.memio import MemIO
+from ckpt.kernel.ptrace import Tracee
+
+SCRATCH_SIZE = 1 << 20
+
+
+class Remote:
+    def __init__(self, pid):
+        self.pid = pid
+        self.main = Tracee(pid)
+        self.main.stopped = True
+        self.threads = {pid: self.main}
+        self.insn = None
+        self.scratch = None
+        self._next = 0
+        self.mem = MemIO(pid, write=True)
+        self.calls = 0
+
+    def close(self):
+        self.mem.close()
+
+    # -- syscalls --------------------------------------------------------------------
+    def call(self, nr, *args, tid=None, what=None, ok_errors=()):
+        """Run one syscall in thread tid (default: the main thread); raise RestoreError on failure
+        unless the error is in ok_errors."""
+        return self.many([(nr, args)], tid=tid, what=what, ok_errors=ok_errors)[0]
+
+    def many(self, calls, tid=None, what=None, ok_errors=()):
+        t = self.threads[tid or self.pid]
+        results = t.inject_many(self.insn, calls)
+        self.calls += len(calls)
+        for (nr, args), r in zip(calls, results):
+            if r < 0 and -r not in ok_errors:
+                label = what if isinstance(what, str) else (what(nr, args) if what else "syscall %d" % nr)
+                raise RestoreError("%s failed in the restored process: %s" % (label, os.strerror(-r)))
+        return results
+
+    # -- scratch -----------------------------------------------------------------------
+    def set_scratch(self, addr):
+        self.scratch = addr
+        self._next = 0
+
+    def reset(self):
+        self._next = 0
+
+    def put(self, data):
+        """Copy bytes into the scratch area; return their address in the process."""
+        size = (len(data) + 15) & ~15
+        if self._next + size > SCRATCH_SIZE:
+            raise RestoreError("scratch area exhausted (%d bytes wanted)" % len(data))
+        addr = self.scratch + self._next
+        self._next += size
+        if data:
+            self.write(addr, bytes(data))
+        return addr
+
+    def put_str(self, s):
+        return self.put(os.fsencode(s) + b"\0")
+
+    def alloc(self, size):
+        return self.put(bytes(size))
+
+    def write(self, addr, data):
+        st = self.mem.write_runs([(addr, len(data))], data)
+        if st[0]:
+            raise RestoreError("cannot write %d bytes at %#x of the restored process: %s"
+                               % (len(data), addr, os.strerror(st[0])))
+
+    def read(self, addr, n):
+        buf = bytearray(n)
+        st = self.mem.read_runs([(addr, n)], buf)
+        if st[0]:
+            raise RestoreError("cannot read %#x of the restored process: %s" % (addr, os.strerror(st[0])))
+        return bytes(buf)
