@@ -66,6 +66,49 @@ def machine():
             "arch": platform.machine(), "cpu": cpu, "python": platform.python_version()}
 
 
+def cpu_busy(seconds=1.0):
+    """Fraction of all CPUs busy over `seconds` (other sessions' load would skew the numbers)."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]   # total, idle + iowait
+    t0, i0 = sample()
+    time.sleep(seconds)
+    t1, i1 = sample()
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def top_cpu(n=3):
+    """The processes using most CPU right now (ps), to name what else runs."""
+    try:
+        out = subprocess.run(["ps", "-eo", "pid,pcpu,args", "--sort=-pcpu"], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, timeout=10).stdout.decode().splitlines()[1:n + 2]
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    rows = []
+    for line in out:
+        f = line.split(None, 2)
+        if len(f) == 3 and int(f[0]) != os.getpid():
+            rows.append("%s %s%% %s" % (f[0], f[1], f[2][:60]))
+    return rows[:n]
+
+
+def code_identity():
+    """Which ckpt is measured: the git commit of REPO (and whether its tree differs), if any."""
+    try:
+        head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, timeout=10)
+        if head.returncode != 0:
+            return "%s (not a git checkout)" % REPO
+        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=10).stdout.decode()
+        n = len([x for x in dirty.splitlines() if x.strip()])
+        return "%s at commit %s%s" % (REPO, head.stdout.decode().strip(),
+                                      ", with %d modified tracked files" % n if n else ", clean tree")
+    except (OSError, subprocess.TimeoutExpired):
+        return REPO
+
+
 def mem_available():
     with open("/proc/meminfo") as f:
         for line in f:
@@ -237,7 +280,7 @@ def summarize(dumps):
     return s
 
 
-def run_config(exe, tmp, size_mb, threads, load, reps, compress, timeout):
+def run_config(exe, tmp, size_mb, threads, load, reps, compress, timeout, wait_quiet=0):
     rate = IDLE_RATE if load == 0 else max(1, load // threads)
     cfg = {"size_mb": size_mb, "threads": threads, "load": load, "rate_per_thread_arg": rate,
            "live": [], "stw": [], "errors": []}
@@ -247,6 +290,15 @@ def run_config(exe, tmp, size_mb, threads, load, reps, compress, timeout):
                              % (mem_available() / 2**30, need / 2**30))
         log("  " + cfg["errors"][-1])
         return cfg
+    cfg["busy_before"] = cpu_busy()
+    deadline = time.monotonic() + wait_quiet
+    while cfg["busy_before"] > 0.10 and time.monotonic() < deadline:
+        log("  waiting for a quiet machine (%.0f%% busy: %s)" % (cfg["busy_before"] * 100, "; ".join(top_cpu(2))))
+        time.sleep(5)
+        cfg["busy_before"] = cpu_busy()
+    if cfg["busy_before"] > 0.10:
+        log("  warning: the machine is %.0f%% busy before the target starts: %s"
+            % (cfg["busy_before"] * 100, "; ".join(top_cpu())))
     tgt = Target(exe, size_mb, threads, rate)
     try:
         t = time.perf_counter()
@@ -302,14 +354,14 @@ def tables(results, reps):
     out.append("| size | threads | load (pages/s) | measured rate before / during (pages/s) "
                "| live freeze (ms) | STW freeze (ms) | STW / live "
                "| live total (s) | STW total (s) | live copy (GB/s) | live image (MiB) | STW image (MiB) "
-               "| live rounds: count, final pages | self-check |")
-    out.append("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+               "| live rounds: count, final pages | self-check | CPU busy before |")
+    out.append("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|")
     for c in results:
         lv, st = c.get("live_summary"), c.get("stw_summary")
         ratio = (st["freeze_ms"] / lv["freeze_ms"]) if lv and st and lv["freeze_ms"] else None
         size = "%d MiB" % c["size_mb"] if c["size_mb"] < 1024 else "%g GiB" % (c["size_mb"] / 1024)
         rates = "%s / %s" % (fmt(c.get("rate_before"), ",.0f"), fmt(c.get("rate_during"), ",.0f"))
-        out.append("| %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        out.append("| %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             size, c["threads"], load_name(c["load"]), rates,
             fmt(lv and lv["freeze_ms"], ".2f"), fmt(st and st["freeze_ms"], ".1f"),
             fmt(ratio, ",.0f") + ("×" if ratio else ""),
@@ -317,7 +369,8 @@ def tables(results, reps):
             fmt(lv and lv["live_copy_gbps"], ".2f"),
             fmt(lv and lv["image_bytes"] / 2**20, ".1f"), fmt(st and st["image_bytes"] / 2**20, ".1f"),
             ("%d, %d" % (lv["rounds"], lv["final_pages"])) if lv else "–",
-            (c.get("self_check") or "–") + (" (%d errors)" % len(c["errors"]) if c["errors"] else "")))
+            (c.get("self_check") or "–") + (" (%d errors)" % len(c["errors"]) if c["errors"] else ""),
+            fmt(c.get("busy_before") and c["busy_before"] * 100, ".0f") + ("%" if c.get("busy_before") is not None else "")))
     out.append("")
     out.append("### Where the freeze goes (median ms per phase)")
     out.append("")
@@ -356,6 +409,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="only 256 MiB, 3 dumps each")
     ap.add_argument("--compress", default="lz4", choices=("lz4", "none"))
     ap.add_argument("--timeout", type=float, default=900, help="seconds allowed for one dump")
+    ap.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                    help="before each configuration, wait up to SECONDS for the machine to be under 10%% busy")
+    ap.add_argument("--note", action="append", default=[], help="a line to add to the header (repeatable)")
     ap.add_argument("--json", nargs="?", const="-", metavar="FILE",
                     help="also write the raw results as JSON (to FILE, or stdout after the tables)")
     a = ap.parse_args(argv)
@@ -370,7 +426,13 @@ def main(argv=None):
     if not shutil.which("gcc"):
         sys.exit("gcc is needed to build the writer target")
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # SIGTERM still kills the target
     mach = machine()
+    code = code_identity()
+    busy0 = cpu_busy()
+    top0 = top_cpu()
+    if busy0 > 0.10:
+        log("warning: the machine is %.0f%% busy before the benchmark: %s" % (busy0 * 100, "; ".join(top0)))
     started = datetime.datetime.now().astimezone()
     command = "python3 benchmarks/dump.py" + ("" if argv is None and len(sys.argv) == 1 else
                                               " " + " ".join(sys.argv[1:] if argv is None else argv))
@@ -384,7 +446,8 @@ def main(argv=None):
             for load in loads:
                 for th in threads:
                     log("%d MiB, %d thread(s), load %s" % (size, th, load_name(load)))
-                    results.append(run_config(exe, images, size, th, load, reps, a.compress, a.timeout))
+                    results.append(run_config(exe, images, size, th, load, reps, a.compress, a.timeout,
+                                              a.wait_quiet))
     finally:
         shutil.rmtree(build, ignore_errors=True)
         shutil.rmtree(images, ignore_errors=True)
@@ -395,6 +458,10 @@ def main(argv=None):
     print("- machine: %s, %d CPUs (nproc), %.1f GiB RAM, kernel %s, Python %s"
           % (mach["cpu"], mach["nproc"], mach["mem_gib"], mach["kernel"], mach["python"]))
     print("- command: `%s` (took %.0f s)" % (command, elapsed))
+    print("- ckpt measured: %s" % code)
+    print("- CPU busy before the run: %.0f%% (top: %s)" % (busy0 * 100, "; ".join(top0[:2])))
+    for line in a.note:
+        print("- %s" % line)
     print("- each dump: `python3 -m ckpt dump PID -o IMG --leave-running --json --compress %s "
           "--mode async|stop-the-world`, alternating live and STW, images on %s, deleted after each dump"
           % (a.compress, "/tmp"))
@@ -407,7 +474,7 @@ def main(argv=None):
     print()
     print(tables(results, reps))
     if a.json:
-        doc = {"machine": mach, "started": started.isoformat(), "command": command, "reps": reps,
+        doc = {"machine": mach, "code": code, "busy_before": busy0, "notes": a.note, "started": started.isoformat(), "command": command, "reps": reps,
                "results": results}
         if a.json == "-":
             print()

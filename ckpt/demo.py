@@ -301,10 +301,12 @@ class Demo:
         if not live or not stw:
             return
         self.echo("")
-        self.echo("  %-16s %12s %12s" % ("", "live", "stop-the-world"))
-        self.echo("  %-16s %9.2f ms %11.2f ms" % ("freeze window", live["freeze_ms"], stw["freeze_ms"]))
-        self.echo("  %-16s %10.2f s %12.2f s" % ("total", live["elapsed_s"], stw["elapsed_s"]))
-        self.echo("  %-16s %9.1f MiB %10.1f MiB" % ("image", live["image_bytes"] / 2**20, stw["image_bytes"] / 2**20))
+        rows = [("", "live", "stop-the-world"),
+                ("freeze window", "%.2f ms" % live["freeze_ms"], "%.2f ms" % stw["freeze_ms"]),
+                ("total", "%.2f s" % live["elapsed_s"], "%.2f s" % stw["elapsed_s"]),
+                ("image", "%.1f MiB" % (live["image_bytes"] / 2**20), "%.1f MiB" % (stw["image_bytes"] / 2**20))]
+        for name, a, b in rows:
+            self.echo("  %-14s %12s %16s" % (name, a, b))
         if live["freeze_ms"] > 0:
             ratio = stw["freeze_ms"] / live["freeze_ms"]
             self.echo("  stop-the-world froze the process %.0f times longer than the live dump" % ratio

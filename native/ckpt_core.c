@@ -114,9 +114,13 @@ int64_t ck_scan(int pagemap_fd, const uint64_t *ranges, int nranges,
 			};
 			long got = ioctl(pagemap_fd, PAGEMAP_SCAN, &arg);
 			if (got < 0) {
+				int err = errno;
 				*next_range = i;
 				*next_addr = addr;
-				return -errno;
+				/* hand back what earlier calls found first (with WP_MATCHING those pages
+				 * are re-armed already: dropping them would lose their writes); the
+				 * error is reported by the next call, which starts here */
+				return n ? n : -err;
 			}
 			n += got;
 			if (arg.walk_end <= addr)

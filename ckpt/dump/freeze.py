@@ -177,9 +177,10 @@ class Freezer:
             pass
         if self.t_release is None:
             self.t_release = time.perf_counter()
-        for t in self.threads.values():
+        # reap our traced threads, the leader last: its exit is reported only after the others'
+        for tid in sorted(self.threads, key=lambda tid: tid == self.pid):
             try:
-                os.waitpid(t.tid, 0x40000000)
+                os.waitpid(tid, 0x40000000)
             except ChildProcessError:
                 pass
         self.threads.clear()

@@ -173,11 +173,36 @@ class Dump:
             os.close(fd)
             raise
         t = time.perf_counter()
-        ok, _refused = self.tracker.arm(self._trackable(maps))
+        ok = self._register_stopped()
         # round 0: every page whose content is not known from elsewhere, while the target runs
         runs = copymod.content_runs(self.tracker.pm, ok)
         self._progress(event="arm", pages=pagemap.count_pages(runs))
         self._copy_round(0, runs, t_start=t)
+
+    def _register_stopped(self, rescan=()):
+        """Register every trackable mapping not registered yet (and those overlapping `rescan`)
+        with all threads stopped, from a maps listing read while they are stopped.
+
+        A listing read while the target runs can be stale by the time a range is registered;
+        registering a stale range splits the target's mappings at its ends (UFFDIO_REGISTER
+        splits the VMAs it covers partly), and the target's own mremap() of a mapping that now
+        spans two VMAs then fails with EFAULT, or moves only part of it. Returns the mappings
+        registered and protected; the caller copies their content."""
+        rescan = [(v.start, v.end) for v in rescan]
+        stop = Freezer(self.pid)
+        try:
+            stop.freeze()
+            maps = self._trackable(procfs.read_maps(self.pid))
+            cov = self._coverage()
+            cand = [v for v in maps if not cov.covers(v) or any(s < v.end and e > v.start for s, e in rescan)]
+            ok, _refused = self.tracker.register(cand)
+            if self.tracker.protect_stopped:
+                self.tracker.protect(ok)
+        finally:
+            stop.thaw()
+        if not self.tracker.protect_stopped:
+            self.tracker.protect(ok)
+        return ok
 
     def _live_rounds(self):
         prev = None
@@ -191,9 +216,11 @@ class Dump:
             tracked = [v for v in self._trackable(maps) if cov.covers(v)]
             untracked, runs = self.tracker.written(tracked)
             t_scan = time.perf_counter()
-            # new or moved mappings: arm them, then copy all their content
-            ok, _ = self.tracker.add(new + untracked)
-            runs = runs + copymod.content_runs(self.tracker.pm, ok)
+            if new or untracked:
+                # new or moved mappings: arm them, then copy all their content; so too what
+                # lies where a scan failed (the writes it had found there are lost)
+                ok = self._register_stopped(untracked)
+                runs = runs + copymod.content_runs(self.tracker.pm, ok)
             pages, ms = self._copy_round(k, runs, t_start=t)
             interval = max(t_scan - t_scan_prev, 1e-6)
             t_scan_prev = t_scan

@@ -7,7 +7,9 @@ The proposal's fault handler, in three forms:
                 lifts the protection and wakes the writer (kernels without WP_ASYNC).
   NoTracker     stop-the-world: nothing is tracked; everything is copied while frozen.
 
-All share one interface: arm(vmas), add(vmas), written(vmas), final(vmas), disarm().
+All share one interface: register(vmas), protect(vmas), arm(vmas) (both), written(vmas),
+final(vmas), disarm(). Registration must happen with the target stopped (see
+Dump._register_stopped); protect_stopped tells whether protecting must too.
 `written` and `final` return (untracked, runs): the mappings found unregistered (their
 pages must all be copied) and the (addr, length) runs written since the previous call.
 """
@@ -34,6 +36,16 @@ class _UffdTracker:
         self.pid = pid
         self.pm = pagemap.Pagemap(pid)
         self.registered = {}   # (start, end) -> True for every range we registered
+
+    def register(self, vmas):
+        return self._register(vmas)
+
+    def arm(self, vmas):
+        ok, refused = self.register(vmas)
+        self.protect(ok)
+        return ok, refused
+
+    add = arm
 
     def _register(self, vmas):
         """Register what can be; return (registered, refused) mappings."""
@@ -62,15 +74,14 @@ class AsyncTracker(_UffdTracker):
     def __init__(self, uffd_fd, pid):
         super().__init__(uffd_fd, pid, ASYNC_FEATURES)
 
-    def arm(self, vmas):
-        """Register and protect; return the mappings that could not be registered."""
-        ok, refused = self._register(vmas)
-        # bulk protect: every page not yet protected counts as written; re-arm them all
-        self.pm.scan(_ranges(ok), flags=pagemap.WP_MATCHING, mask=pagemap.WRITTEN,
-                     ret_mask=pagemap.WRITTEN, vec=False)
-        return ok, refused
+    # a bulk protect of a range that has changed meanwhile skips what is not registered there
+    # (which later scans report), so it can run while the target runs
+    protect_stopped = False
 
-    add = arm
+    def protect(self, vmas):
+        # bulk protect: every page not yet protected counts as written; re-arm them all
+        self.pm.scan(_ranges(vmas), flags=pagemap.WP_MATCHING, mask=pagemap.WRITTEN,
+                     ret_mask=pagemap.WRITTEN, vec=False)
 
     def _scan(self, vmas, flags):
         """Scan for written pages; a mapping found unregistered (EPERM) is returned apart."""
@@ -85,6 +96,7 @@ class AsyncTracker(_UffdTracker):
             except pagemap.ScanError as e:
                 if e.errno != errno.EPERM:
                     raise
+                regions += e.partial   # the ranges before the failing one were scanned (and re-armed)
                 j = i + e.range_index
                 untracked.append(vmas[j])
                 i = j + 1
@@ -111,13 +123,13 @@ class SyncTracker(_UffdTracker):
             raise OSError(errno.ENOMEM, "cannot start the tracker thread")
         self._buf = ffi.new("uint64_t[]", 1 << 16)
 
-    def arm(self, vmas):
-        ok, refused = self._register(vmas)
-        for v in ok:
-            check(self.uffd.protect(v.start, v.size, True), "UFFDIO_WRITEPROTECT")
-        return ok, refused
+    # UFFDIO_WRITEPROTECT fails on a range that is no longer all registered, and nothing
+    # would report it later: protect while the target is stopped
+    protect_stopped = True
 
-    add = arm
+    def protect(self, vmas):
+        for v in vmas:
+            check(self.uffd.protect(v.start, v.size, True), "UFFDIO_WRITEPROTECT")
 
     def _drain(self):
         pages = set()
@@ -156,6 +168,14 @@ class SyncTracker(_UffdTracker):
 
 class NoTracker:
     mode = "stop-the-world"
+
+    protect_stopped = False
+
+    def register(self, vmas):
+        return [], list(vmas)
+
+    def protect(self, vmas):
+        pass
 
     def arm(self, vmas):
         return [], list(vmas)

@@ -34,7 +34,6 @@ class _Expected:
         self.reader = reader
         self.extents = reader.extents()
         self.starts = [s for s, _, _ in self.extents]
-        self._payloads = {}   # a few decompressed records, most recent last
 
     def image_runs(self, start, end):
         i = max(0, bisect.bisect_right(self.starts, start) - 1)
@@ -61,15 +60,6 @@ class _Expected:
             for a, chunk in self._image_bytes(s, e):
                 out[a - start:a - start + len(chunk)] = chunk
 
-    def _payload(self, seq):
-        data = self._payloads.pop(seq, None)
-        if data is None:
-            data = self.reader.payload(self.reader.record(seq))
-            if len(self._payloads) >= 32:
-                self._payloads.pop(next(iter(self._payloads)))
-        self._payloads[seq] = data
-        return data
-
     def _image_bytes(self, start, end):
         i = max(0, bisect.bisect_right(self.starts, start) - 1)
         while i < len(self.extents) and self.extents[i][0] < end:
@@ -80,7 +70,7 @@ class _Expected:
                 if rtype == fmt.ZERO:
                     yield lo, bytes(hi - lo)
                 else:
-                    yield lo, self._payload(seq)[lo - addr:hi - addr]
+                    yield lo, self.reader.payload_of(seq)[lo - addr:hi - addr]
             i += 1
 
 

@@ -1,5 +1,6 @@
 """Reads and checks an image. Every refusal says what is wrong with the file."""
 import heapq
+from collections import OrderedDict
 import json
 import os
 import platform
@@ -83,7 +84,8 @@ class ImageReader:
     def _read_footer(self):
         if self.size < self.records_start + fmt.FOOTER.size:
             raise ImageError("%s: truncated: no trailer (the dump did not finish or the file was cut)" % self.path)
-        magic, trailer_off, chain, _ = fmt.FOOTER.unpack(self._pread(self.size - fmt.FOOTER.size, fmt.FOOTER.size))
+        magic, trailer_off, chain, self.footer_reserved = fmt.FOOTER.unpack(
+            self._pread(self.size - fmt.FOOTER.size, fmt.FOOTER.size))
         if magic != fmt.END_MAGIC:
             raise ImageError("%s: truncated: no trailer (the dump did not finish or the file was cut)" % self.path)
         if not self.records_start <= trailer_off < self.size - fmt.FOOTER.size:
@@ -129,6 +131,23 @@ class ImageReader:
                 raise ImageError("%s: corrupt compressed record at offset %d (%s)" % (self.path, rec.offset, e)) from None
         elif rec.comp != fmt.NONE:
             raise ImageError("%s: unknown compression %d in record at offset %d" % (self.path, rec.comp, rec.offset))
+        return data
+
+    def payload_of(self, seq, check=True):
+        """Decompressed payload of record seq, through an LRU cache of about 64 MiB: the extents
+        of early rounds interleave with small later records, so a big record is needed again
+        and again while sweeping the address space."""
+        cache = self.__dict__.setdefault("_cache", OrderedDict())
+        data = cache.get(seq)
+        if data is not None:
+            cache.move_to_end(seq)
+            return data
+        data = self.payload(self.record(seq), check)
+        cache[seq] = data
+        self._cache_bytes = getattr(self, "_cache_bytes", 0) + len(data)
+        while self._cache_bytes > (64 << 20) and len(cache) > 1:
+            _, old = cache.popitem(last=False)
+            self._cache_bytes -= len(old)
         return data
 
     def iter_records(self):
@@ -198,18 +217,16 @@ class ImageReader:
 
     def iter_content(self):
         """Yield (addr, bytes) for every extent, assembled: later records supersede earlier ones."""
-        cache_seq, cache = None, None
         for s, e, seq in self.extents():
             off, addr, npages, rtype, _ = self.records[seq]
             if rtype == fmt.ZERO:
                 yield s, bytes(e - s)
                 continue
-            if seq != cache_seq:
-                cache_seq, cache = seq, self.payload(self.record(seq))
-                if len(cache) != npages * self.page_size:
-                    raise ImageError("%s: record at offset %d holds %d bytes for %d pages"
-                                     % (self.path, off, len(cache), npages))
-            yield s, cache[s - addr:e - addr]
+            data = self.payload_of(seq)
+            if len(data) != npages * self.page_size:
+                raise ImageError("%s: record at offset %d holds %d bytes for %d pages"
+                                 % (self.path, off, len(data), npages))
+            yield s, data[s - addr:e - addr]
 
     # -- checking --------------------------------------------------------------------
     def verify(self):
@@ -224,6 +241,9 @@ class ImageReader:
                 raise ImageError("%s: corrupt index: record %d is at offset %d, index says %d"
                                  % (self.path, seen, off, self.records[seen][0]))
             self.payload(rec)
+            # no checksum covers the padding before a page-aligned payload: it must be zero
+            if rec.pad and any(self._pread(off + fmt.REC_SIZE, rec.pad)):
+                raise ImageError("%s: corrupt record at offset %d (non-zero padding)" % (self.path, off))
             chain = zlib.crc32(self._pread(off, fmt.REC_SIZE), chain)
             off = rec.payload_offset + rec.length
             if rec.rtype == fmt.TRAILER:
@@ -236,6 +256,8 @@ class ImageReader:
                              % (self.path, seen, len(self.records)))
         if chain != self.chain:
             raise ImageError("%s: corrupt: whole-file checksum mismatch" % self.path)
+        if self.footer_reserved != 0:
+            raise ImageError("%s: corrupt footer (reserved field %#x is not zero)" % (self.path, self.footer_reserved))
         return {"records": seen, "bytes": self.size}
 
     def check_compatible(self):

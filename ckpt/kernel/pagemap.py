@@ -22,10 +22,13 @@ _VEC_CAP = 1 << 16
 class ScanError(OSError):
     """A scan failed on one range (EPERM with CHECK_WPASYNC: a mapping there is not registered)."""
 
-    def __init__(self, err, range_index, addr):
+    def __init__(self, err, range_index, addr, partial=()):
         super().__init__(err, "PAGEMAP_SCAN: %s at %#x" % (os.strerror(err), addr))
         self.range_index = range_index
         self.addr = addr
+        # regions found in the ranges before the failing one: with WP_MATCHING they are
+        # re-armed already, so the caller must not drop them
+        self.partial = list(partial)
 
 
 class Pagemap:
@@ -43,6 +46,7 @@ class Pagemap:
         """Scan (start, end) ranges; return the matching regions as (start, end, categories).
 
         With vec=False nothing is returned (used as the bulk protect with WP_MATCHING).
+        On failure, ScanError.partial holds what the ranges before the failing one gave.
         """
         if not ranges:
             return []
@@ -56,7 +60,7 @@ class Pagemap:
             n = lib.ck_scan(self.fd, flat, len(ranges), flags, inverted, mask, anyof, ret_mask,
                             buf, cap, nxt_r, nxt_a)
             if n < 0:
-                raise ScanError(-n, nxt_r[0], nxt_a[0])
+                raise ScanError(-n, nxt_r[0], nxt_a[0], out)
             if vec:
                 v = ffi.unpack(self._vec, 3 * n)
                 out.extend(zip(v[0::3], v[1::3], v[2::3]))

@@ -91,6 +91,7 @@ class Plan:
 
     def _check_pids(self):
         for t in self.threads:
+            _wait_reaped(t["tid"])
             if os.path.exists("/proc/%d" % t["tid"]):
                 owner = _comm(t["tid"])
                 raise RestoreError("PID %d is in use (by %s); the process must get its original PID%s back"
@@ -98,6 +99,18 @@ class Plan:
 
     def close(self):
         self.reader.close()
+
+
+def _wait_reaped(pid, timeout=3.0):
+    """A killed process lingers as a zombie until its parent reaps it: give the parent a moment."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if procfs.proc_state(pid) not in ("Z", "X"):
+                return
+        except CkptError:
+            return
+        time.sleep(0.01)
 
 
 def _comm(pid):
@@ -312,7 +325,6 @@ class Builder:
             spans.append((m["start"], m["end"], m["kind"] in ("anon", "shmem") or _deleted(m)))
         spans.sort()
         runs, buf, size = [], bytearray(), 0
-        payloads = {}
 
         def flush():
             nonlocal runs, buf, size
@@ -344,12 +356,7 @@ class Builder:
                         continue   # fresh anonymous memory is zero already: nothing to write
                     data = bytes(hi - lo)
                 else:
-                    payload = payloads.get(seq)
-                    if payload is None:
-                        if len(payloads) > 8:
-                            payloads.pop(next(iter(payloads)))
-                        payload = payloads[seq] = reader.payload(reader.record(seq), check=False)
-                    data = memoryview(payload)[lo - addr:hi - addr]
+                    data = memoryview(reader.payload_of(seq, check=False))[lo - addr:hi - addr]
                 runs.append((lo, hi - lo))
                 buf += data
                 size += hi - lo

@@ -66,6 +66,7 @@ def create_thread(remote, tid):
     if not t.wait_stop():
         from ckpt.errors import RestoreError
         raise RestoreError("thread %d vanished right after its creation" % tid)
+    t.pending_signal = 0   # the SIGSTOP every auto-attached clone starts with is ours, not the process's
     remote.threads[tid] = t
     return t
 

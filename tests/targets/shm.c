@@ -7,13 +7,15 @@
  * Every page holds a sequence number (word 0, odd while the page is being written) and data
  * derived from it; the target's reader thread reads pages under this sequence lock and checks
  * them. The full check (SIGUSR1) checks every page of both and that the child is alive.
- * The target also writes a private region of its own.
+ * The target also writes a private region of its own. It keeps no memfd fd, only the mapping
+ * (ckpt refuses fds that restore cannot rebuild yet, and a memfd is one).
  *
  * usage: shm SIZE_MB [PAGES_PER_MS written by the child, default 64]
  */
 #include "target.h"
 #include <sys/prctl.h>
 #include <sys/syscall.h>
+#include <sched.h>
 #include <sys/wait.h>
 
 static size_t npages;
@@ -91,10 +93,17 @@ static int read_page(uint8_t *base, size_t i, size_t id)
 
 static int check_page(uint8_t *base, size_t i, size_t id)
 {
-	for (int tries = 0; tries < 100000; tries++) {
-		int r = read_page(base, i, id);
-		if (r)
-			return r > 0;
+	/* the child may be descheduled in the middle of a page for a long while on a busy machine */
+	time_t deadline = time(NULL) + 60;
+	for (;;) {
+		for (int tries = 0; tries < 1000; tries++) {
+			int r = read_page(base, i, id);
+			if (r)
+				return r > 0;
+		}
+		if (time(NULL) > deadline)
+			break;
+		sched_yield();
 	}
 	fail("page %zu never stable", i);
 	return 0;
@@ -166,6 +175,7 @@ int main(int argc, char **argv)
 		die("fork");
 	if (child == 0)
 		writer();
+	close(memfd);   /* the target keeps only the mapping; the child writes through its own fd */
 	start_thread(reader, NULL);
 	serve(full_check);
 }

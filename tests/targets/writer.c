@@ -22,7 +22,6 @@ static uint8_t *buf;
 static size_t npages;
 static int nthreads;
 static long rate;
-static volatile sig_atomic_t check_req;
 static pthread_rwlock_t park = PTHREAD_RWLOCK_INITIALIZER;
 
 struct page_hdr { uint64_t addr; uint64_t counter; uint64_t owner; uint64_t sum; };
@@ -77,28 +76,36 @@ static void *worker(void *arg)
 	return NULL;
 }
 
-static void on_usr1(int s) { (void)s; check_req = 1; }
 
 int main(int argc, char **argv)
 {
 	size_t mb = argc > 1 ? strtoul(argv[1], 0, 0) : 64;
 	nthreads = argc > 2 ? atoi(argv[2]) : 1;
 	rate = argc > 3 ? atol(argv[3]) : 0;
+	/* SIGUSR1 is taken by the main thread alone, with sigwait(): blocked before any thread
+	 * exists, so that no worker can swallow it */
+	sigset_t usr1;
+	sigemptyset(&usr1);
+	sigaddset(&usr1, SIGUSR1);
+	pthread_sigmask(SIG_BLOCK, &usr1, NULL);
+	/* the check must not starve behind workers that keep taking the read lock */
+	pthread_rwlockattr_t ra;
+	pthread_rwlockattr_init(&ra);
+	pthread_rwlockattr_setkind_np(&ra, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+	pthread_rwlock_init(&park, &ra);
 	npages = mb * 256;
 	buf = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (buf == MAP_FAILED) { perror("mmap"); return 1; }
 	for (size_t i = 0; i < npages; i++)
 		stamp(i, i * nthreads / npages, 0);
-	signal(SIGUSR1, on_usr1);
 	pthread_t th[256];
 	for (int t = 0; t < nthreads; t++)
 		pthread_create(&th[t], NULL, worker, (void *)(uintptr_t)t);
 	printf("ready %d\n", getpid());
 	fflush(stdout);
 	for (;;) {
-		pause();
-		if (check_req) {
-			check_req = 0;
+		int sig = 0;
+		if (sigwait(&usr1, &sig) == 0 && sig == SIGUSR1) {
 			pthread_rwlock_wrlock(&park);
 			size_t bad = 0, first = 0;
 			for (size_t i = 0; i < npages; i++)
