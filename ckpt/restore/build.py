@@ -369,11 +369,14 @@ class Builder:
         r = self.remote
         p = self.plan.proc
         exe_fd = -1
-        r.reset()
-        exe_fd = r.call(sysno.openat, files.AT_FDCWD, r.put_str(p["exe"]), O_RDONLY | files.O_CLOEXEC, 0,
-                        what="opening the executable %s" % p["exe"])
+        if not _same_file("/proc/%d/exe" % self.pid, p["exe"]):
+            # the kernel refuses to change the exe link while the old exe is mapped: when the
+            # restorer's own exe is the image's (python3 restoring python3) it is right already
+            r.reset()
+            exe_fd = r.call(sysno.openat, files.AT_FDCWD, r.put_str(p["exe"]), O_RDONLY | files.O_CLOEXEC, 0,
+                            what="opening the executable %s" % p["exe"])
         process.restore_mm(r, p, exe_fd)
-        r.many([(sysno.close, (fd,)) for fd in self.opened_fds + [exe_fd]], what="close")
+        r.many([(sysno.close, (fd,)) for fd in self.opened_fds + ([exe_fd] if exe_fd >= 0 else [])], what="close")
         process.restore_process(r, p)
         process.restore_rlimits(self.pid, p, self.opts.warn)
         files.restore_fds(r, self.plan.fds)
@@ -414,6 +417,14 @@ class Builder:
     def _release(self):
         for t in self.remote.threads.values():
             t.detach()
+
+
+def _same_file(a, b):
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def _deleted(m):

@@ -87,7 +87,7 @@ def restore_mm(remote, d, exe_fd):
     remote.reset()
     auxv = base64.b64decode(d["auxv"])
     auxv_addr = remote.put(auxv)
-    mm_map = struct.pack("<11QQII", mm["start_code"], mm["end_code"], mm["start_data"], mm["end_data"],
+    mm_map = struct.pack("<11QQIi", mm["start_code"], mm["end_code"], mm["start_data"], mm["end_data"],
                          mm["start_brk"], mm["brk"], mm["start_stack"], mm["arg_start"], mm["arg_end"],
                          mm["env_start"], mm["env_end"], auxv_addr, len(auxv), exe_fd)
     remote.call(sysno.prctl, PR_SET_MM, PR_SET_MM_MAP, remote.put(mm_map), len(mm_map), 0,
