@@ -229,8 +229,9 @@ class ImageReader:
             yield s, data[s - addr:e - addr]
 
     # -- checking --------------------------------------------------------------------
-    def verify(self):
-        """Check every checksum and the structure. Returns a summary dict; raises ImageError."""
+    def verify(self, decompress=True):
+        """Check every checksum and the structure (and, with decompress, that every compressed
+        payload decodes). Returns a summary dict; raises ImageError."""
         chain = zlib.crc32(self.header_bytes)
         off = self.records_start
         seen = 0

@@ -59,7 +59,7 @@ class Plan:
         self.reader = ImageReader(path)
         try:
             self.reader.check_compatible()
-            self.reader.verify()
+            self.reader.verify(decompress=False)
             m = self.reader.metas()
             missing = [k for k in ("process", "threads", "mappings", "fds") if k not in m]
             if missing:
