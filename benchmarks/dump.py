@@ -23,7 +23,7 @@ import json
 import os
 import platform
 import queue
-import select
+import shlex
 import shutil
 import signal
 import statistics
@@ -221,10 +221,16 @@ def stamps(pid, chunk=64 << 20):
     return sum(best.values())
 
 
-def measure_rate(pid, seconds):
-    t0, c0 = time.perf_counter(), stamps(pid)
-    time.sleep(seconds)
-    t1, c1 = time.perf_counter(), stamps(pid)
+def measure_rate(pid, min_seconds=2.0):
+    """Pages per second, from two counter samples. A sample reads all of the target's memory and
+    sees each thread's latest stamp somewhere within that read, so the window is made at least
+    ten times as long as one read to keep that uncertainty under 10%."""
+    t0 = time.perf_counter()
+    c0 = stamps(pid)
+    scan = time.perf_counter() - t0
+    time.sleep(max(min_seconds, 10 * scan) - scan)
+    t1 = time.perf_counter()
+    c1 = stamps(pid)
     return (c1 - c0) / (t1 - t0), (t1, c1)
 
 
@@ -305,7 +311,7 @@ def run_config(exe, tmp, size_mb, threads, load, reps, compress, timeout, wait_q
         tgt.expect("ready", timeout=600)
         cfg["populate_s"] = round(time.perf_counter() - t, 2)
         time.sleep(0.5)
-        cfg["rate_before"], (t_a, c_a) = measure_rate(tgt.pid, 2.0)
+        cfg["rate_before"], (t_a, c_a) = measure_rate(tgt.pid)
         log("  target %d ready after %.1f s, writing %.0f pages/s" % (tgt.pid, cfg["populate_s"], cfg["rate_before"]))
         for i in range(reps):
             for key, mode in (("live", "async"), ("stw", "stop-the-world")):
@@ -325,7 +331,9 @@ def run_config(exe, tmp, size_mb, threads, load, reps, compress, timeout, wait_q
                     raise RuntimeError("target %d died after a %s dump" % (tgt.pid, key))
                 time.sleep(0.3)
         t_b, c_b = time.perf_counter(), stamps(tgt.pid)
-        cfg["rate_during"] = (c_b - c_a) / (t_b - t_a)
+        # while running: the frozen time of all the dumps taken out (the writer cannot write then)
+        frozen_s = sum(d["freeze_ms"] for d in cfg["live"] + cfg["stw"]) / 1000
+        cfg["rate_during"] = (c_b - c_a) / max(1e-3, t_b - t_a - frozen_s)
         cfg["self_check"] = tgt.self_check()
         log("  self-check: %s" % cfg["self_check"])
     except Exception as e:   # noqa: BLE001 - one configuration failing must not stop the table
@@ -351,7 +359,7 @@ def tables(results, reps):
     out = []
     out.append("### Freeze window, total time, throughput (median of %d dumps each)" % reps)
     out.append("")
-    out.append("| size | threads | load (pages/s) | measured rate before / during (pages/s) "
+    out.append("| size | threads | load (pages/s) | measured rate: alone / during the dumps (pages/s) "
                "| live freeze (ms) | STW freeze (ms) | STW / live "
                "| live total (s) | STW total (s) | live copy (GB/s) | live image (MiB) | STW image (MiB) "
                "| live rounds: count, final pages | self-check | CPU busy before |")
@@ -434,8 +442,7 @@ def main(argv=None):
     if busy0 > 0.10:
         log("warning: the machine is %.0f%% busy before the benchmark: %s" % (busy0 * 100, "; ".join(top0)))
     started = datetime.datetime.now().astimezone()
-    command = "python3 benchmarks/dump.py" + ("" if argv is None and len(sys.argv) == 1 else
-                                              " " + " ".join(sys.argv[1:] if argv is None else argv))
+    command = shlex.join(["python3", "benchmarks/dump.py"] + list(sys.argv[1:] if argv is None else argv))
     results = []
     build = tempfile.mkdtemp(prefix="ckpt-bench-build-")
     images = tempfile.mkdtemp(prefix="ckpt-bench-img-", dir="/tmp")
@@ -467,8 +474,9 @@ def main(argv=None):
           % (a.compress, "/tmp"))
     print("- target: tests/targets/writer.c, `writer SIZE THREADS RATE` with RATE = load / threads per thread "
           "(idle: %d page/s per thread); all pages stamped before the first dump. The measured rate is read "
-          "from the stamp counters in the target's memory, over 2 s before the dumps and over the whole "
-          "dump sequence; the writer's 1 ms pacing rounds the rate down" % IDLE_RATE)
+          "from the stamp counters in the target's memory: alone, over a window of at least 2 s (and 10 "
+          "times one memory read) before the dumps; during, over the whole dump sequence less the time "
+          "the target was frozen. The writer's 1 ms pacing rounds the rate down" % IDLE_RATE)
     print("- freeze: first PTRACE_INTERRUPT to the release of the last thread; total: ckpt's own elapsed time "
           "(process start excluded); live copy: pages of the live rounds / their time")
     print()

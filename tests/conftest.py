@@ -259,7 +259,7 @@ def spawn(targets_built):
         return t
 
     yield _spawn
-    for t in started:
+    for t in reversed(started):     # the last started first: a tracer before its tracee
         t.kill()
 
 

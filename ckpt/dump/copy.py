@@ -1,8 +1,10 @@
 """The copier: reads runs of target pages in large batches and hands them to the image as page
 records (all-zero pages become ZERO records with no payload)."""
+import bisect
 import errno
 
 from ckpt.errors import TargetGone
+from ckpt.image import format as fmt
 from ckpt.kernel import pagemap
 from ckpt.kernel.memio import MemIO, zero_pages
 from ckpt.kernel.native import PAGE_SIZE
@@ -51,6 +53,17 @@ def content_runs(pm, vmas):
     return runs + whole
 
 
+def _merge(ranges):
+    out = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1]:
+            if e > out[-1][1]:
+                out[-1][1] = e
+        else:
+            out.append([s, e])
+    return out
+
+
 class Copier:
     def __init__(self, pid, writer):
         self.pid = pid
@@ -59,6 +72,64 @@ class Copier:
         self.buf = bytearray(CHUNK)
         self.view = memoryview(self.buf)
         self.unreadable_pages = 0
+        self._held = []          # merged [start, end) of the page records written so far
+        self._held_upto = 0      # how much of the writer's index _held accounts for
+
+    def held(self):
+        """The address ranges the image holds page records for (merged, sorted)."""
+        index = self.writer.index
+        if self._held_upto < len(index):
+            new = [(a, a + n * PAGE_SIZE) for _, a, n, t, _ in index[self._held_upto:]
+                   if n and t in (fmt.PAGES, fmt.ZERO)]
+            self._held_upto = len(index)
+            if new:
+                self._held = _merge([tuple(r) for r in self._held] + new)
+        return self._held
+
+    def stale(self, vmas, runs):
+        """Mappings copied whole as `runs` (their present pages) may lie where the image already
+        holds pages of an earlier mapping at the same addresses (unmapped, moved away or
+        replaced since). Their absent pages are left out of `runs`, so those records would
+        stand for them at restore. Returns (zero, reread): the anonymous parts of that overlap,
+        to record as zero pages, and the private file parts, to copy again (their content is
+        the file's)."""
+        if not vmas:
+            return [], []
+        held = self.held()
+        if not held:
+            return [], []
+        starts = [h[0] for h in held]
+        copied = _merge((a, a + n) for a, n in runs)
+        cstarts = [c[0] for c in copied]
+        zero, reread = [], []
+        for v in vmas:
+            if v.kind not in ("anon", "file-private") or (v.kind == "file-private" and v.deleted):
+                continue    # copied whole, every page
+            out = zero if v.kind == "anon" else reread
+            i = max(0, bisect.bisect_right(starts, v.start) - 1)
+            while i < len(held) and held[i][0] < v.end:
+                lo, hi = max(held[i][0], v.start), min(held[i][1], v.end)
+                # [lo, hi) is held by the image: subtract what this copy covers
+                j = max(0, bisect.bisect_right(cstarts, lo) - 1)
+                pos = lo
+                while pos < hi:
+                    while j < len(copied) and copied[j][1] <= pos:
+                        j += 1
+                    if j < len(copied) and copied[j][0] <= pos:
+                        pos = min(copied[j][1], hi)
+                        continue
+                    nxt = min(copied[j][0], hi) if j < len(copied) else hi
+                    if nxt > pos:
+                        out.append((pos, nxt - pos))
+                    pos = nxt
+                i += 1
+        return zero, reread
+
+    def zero(self, runs):
+        """Record runs as zero pages (no payload)."""
+        for addr, length in runs:
+            self.writer.add_zero(addr, length // PAGE_SIZE)
+        return sum(length for _, length in runs) // PAGE_SIZE
 
     def close(self):
         self.mem.close()

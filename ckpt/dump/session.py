@@ -77,6 +77,7 @@ class Dump:
         self.writer = None
         self.copier = None
         self.rounds = []          # per round: {"round", "pages", "ms"}
+        self._suspect = []        # registered, but protecting them failed: arm again or copy whole
         self.mode = None
         self.t0 = time.perf_counter()
         self.result = {}
@@ -127,6 +128,7 @@ class Dump:
         info = {"round": index, "pages": pages, "ms": round(ms, 3)}
         self.rounds.append(info)
         self.writer.add_round(info)
+        self.copier.held()   # brought up to date now, so that the frozen phase need not
         self._progress(event="round", **info)
         return pages, ms
 
@@ -187,9 +189,11 @@ class Dump:
         registering a stale range splits the target's mappings at its ends (UFFDIO_REGISTER
         splits the VMAs it covers partly), and the target's own mremap() of a mapping that now
         spans two VMAs then fails with EFAULT, or moves only part of it. Returns the mappings
-        registered and protected; the caller copies their content."""
+        registered and protected; the caller copies their content. Those whose protection
+        could not be set up cleanly are kept in self._suspect (see AsyncTracker.protect)."""
         rescan = [(v.start, v.end) for v in rescan]
         stop = Freezer(self.pid)
+        failed = []
         try:
             stop.freeze()
             maps = self._trackable(procfs.read_maps(self.pid))
@@ -197,11 +201,12 @@ class Dump:
             cand = [v for v in maps if not cov.covers(v) or any(s < v.end and e > v.start for s, e in rescan)]
             ok, _refused = self.tracker.register(cand)
             if self.tracker.protect_stopped:
-                self.tracker.protect(ok)
+                failed = self.tracker.protect(ok)
         finally:
             stop.thaw()
         if not self.tracker.protect_stopped:
-            self.tracker.protect(ok)
+            failed = self.tracker.protect(ok)
+        self._suspect = failed
         return ok
 
     def _live_rounds(self):
@@ -216,11 +221,17 @@ class Dump:
             tracked = [v for v in self._trackable(maps) if cov.covers(v)]
             untracked, runs = self.tracker.written(tracked)
             t_scan = time.perf_counter()
-            if new or untracked:
+            if new or untracked or self._suspect:
                 # new or moved mappings: arm them, then copy all their content; so too what
-                # lies where a scan failed (the writes it had found there are lost)
-                ok = self._register_stopped(untracked)
-                runs = runs + copymod.content_runs(self.tracker.pm, ok)
+                # lies where a scan failed (the writes it had found there are lost), and what
+                # could not be protected cleanly last time
+                ok = self._register_stopped(untracked + self._suspect)
+                whole = copymod.content_runs(self.tracker.pm, ok)
+                # their absent pages, where the image holds pages of an earlier mapping: zero
+                # (recorded before this round's copies, which supersede them) or the file's
+                zero, reread = self.copier.stale(ok, whole)
+                self.copier.zero(zero)
+                runs = runs + whole + reread
             pages, ms = self._copy_round(k, runs, t_start=t)
             interval = max(t_scan - t_scan_prev, 1e-6)
             t_scan_prev = t_scan
@@ -264,7 +275,13 @@ class Dump:
         tracked = [v for v in self._trackable(maps) if cov.covers(v)]
         full = [v for v in maps if v.kind in TRACKABLE + ("shmem",) and not cov.covers(v)]
         untracked, runs = self.tracker.final(tracked)
-        runs = runs + copymod.content_runs(self.copier_pm(), full + untracked)
+        # what could not be protected cleanly in the last round is copied whole too
+        untracked += [v for v in tracked if any(s.start < v.end and s.end > v.start for s in self._suspect)]
+        whole = copymod.content_runs(self.copier_pm(), full + untracked)
+        # absent pages of what is copied whole, where the image holds pages of an earlier
+        # mapping (see Copier.stale): zero pages, or the file's content copied again
+        stale_zero, reread = self.copier.stale(full + untracked, whole)
+        runs = runs + whole + reread
         mark("final_scan")
         final = []
         pages = self.copier.copy(runs, sink=final)
@@ -274,6 +291,7 @@ class Dump:
         self.rounds.append({"round": len(self.rounds), "pages": pages, "ms": round(copy_ms, 3), "final": True})
 
         def write_tail():
+            self.copier.zero(stale_zero)
             self.copier.write_sink(final)
             self.writer.add_round(self.rounds[-1])
             self.writer.add_meta("process", process_state)

@@ -79,9 +79,20 @@ class AsyncTracker(_UffdTracker):
     protect_stopped = False
 
     def protect(self, vmas):
+        """Protect freshly registered mappings. Returns those whose old protection bits could
+        not be cleared first (the mapping changed meanwhile): they must be registered and
+        protected again, or copied whole.
+
+        The bits are cleared first because a page can carry a stale uffd-wp bit on a writable
+        PTE: when a moved mapping merges back into a registered neighbour, the kernel drops the
+        registration of the whole merged VMA (userfaultfd_reset_ctx) but leaves its PTEs' bits;
+        a write there then makes the PTE writable and keeps the bit. WP_MATCHING takes such a
+        page for protected and never reports it again, whatever is written to it."""
+        failed = [v for v in vmas if self.uffd.protect(v.start, v.size, False) != 0]
         # bulk protect: every page not yet protected counts as written; re-arm them all
         self.pm.scan(_ranges(vmas), flags=pagemap.WP_MATCHING, mask=pagemap.WRITTEN,
                      ret_mask=pagemap.WRITTEN, vec=False)
+        return failed
 
     def _scan(self, vmas, flags):
         """Scan for written pages; a mapping found unregistered (EPERM) is returned apart."""
@@ -128,8 +139,10 @@ class SyncTracker(_UffdTracker):
     protect_stopped = True
 
     def protect(self, vmas):
+        # protects every page, whatever bits it carried
         for v in vmas:
             check(self.uffd.protect(v.start, v.size, True), "UFFDIO_WRITEPROTECT")
+        return []
 
     def _drain(self):
         pages = set()
@@ -175,7 +188,7 @@ class NoTracker:
         return [], list(vmas)
 
     def protect(self, vmas):
-        pass
+        return []
 
     def arm(self, vmas):
         return [], list(vmas)

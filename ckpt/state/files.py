@@ -8,6 +8,7 @@ Standard streams (0, 1, 2) that were a terminal, a pipe or a socket leading out 
 are attached to ckpt's own, the way `criu --shell-job` treats a shell job.
 """
 import base64
+import ctypes
 import os
 import stat
 import struct
@@ -201,10 +202,39 @@ def _stdio_inherited(fd, kind, entry):
     return fd <= 2 and (kind.inherit_stdio or entry.get("tty"))
 
 
+SYS_kcmp, KCMP_FILE = 312, 0
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _same_open_file(pid, fd1, fd2):
+    """Whether two fds of pid are one open file description (dup, fork, SCM_RIGHTS): kcmp.
+    None when the kernel cannot tell (no kcmp)."""
+    r = _libc.syscall(SYS_kcmp, pid, pid, KCMP_FILE, fd1, fd2)
+    return None if r < 0 else r == 0
+
+
+def _mark_shared(pid, table, keys):
+    """entry["shares"] = the lowest fd whose open file description the entry's fd is too.
+    Restore then makes it a duplicate of that fd instead of opening the file again, so that
+    they keep sharing offset and status flags (e.g. stdout and stderr of `cmd >log 2>&1`)."""
+    firsts = {}
+    for e in table:
+        key = keys.get(e["fd"])
+        if key is None or e["kind"] not in ("file", "dir", "chardev"):
+            continue
+        for first in firsts.setdefault(key, []):
+            if _same_open_file(pid, first, e["fd"]):
+                e["shares"] = first
+                break
+        else:
+            firsts[key].append(e["fd"])
+
+
 def dump_fds(pid, peek=True):
     """The fd table; refuses (TargetError, naming fd and kind) what restore could not rebuild.
     With peek=False it only checks (used up front, before the dump starts)."""
     table = []
+    keys = {}
     for fd in procfs.fds(pid):
         try:
             link = os.readlink(procfs.proc(pid, "fd", str(fd)))
@@ -216,6 +246,8 @@ def dump_fds(pid, peek=True):
         except OSError:
             st = None
         kind = kind_of(link, st)
+        if st is not None:
+            keys[fd] = (st.st_dev, st.st_ino)
         entry = {"fd": fd, "kind": kind.name, "flags": int(info.get("flags", "0"), 8),
                  "pos": int(info.get("pos", "0"))}
         entry.update(kind.dump(pid, fd, link, st, info))
@@ -226,6 +258,7 @@ def dump_fds(pid, peek=True):
         table.append(entry)
     if not peek:
         return table
+    _mark_shared(pid, table, keys)
     # the bytes buffered in each pipe
     ends = {}
     for e in table:
@@ -264,13 +297,18 @@ def restore_fds(remote, table_entries):
     base = max([e["fd"] for e in table_entries] + [2]) + 1
     table = _Table(remote, base)
     placed = []
+    created = {}      # target fd number -> the object made for it (parked)
     for e in table_entries:
         if e.get("inherit"):
+            continue
+        if e.get("shares") in created:
+            placed.append((e, created[e["shares"]]))    # one open file: dup2 of the same object
             continue
         kind = BY_NAME.get(e["kind"], FdKind)
         fd = kind.create(remote, e, table)
         if fd < base:
             fd = table.park(fd)
+        created[e["fd"]] = fd
         placed.append((e, fd))
     for e, fd in placed:
         n = e["fd"]

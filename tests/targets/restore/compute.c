@@ -1,0 +1,114 @@
+/*
+ * Deterministic computation over memory by T threads that meet at a mutex/condvar barrier.
+ *
+ *   compute THREADS STEPS EVERY MIB GATE EXIT [PAUSE_US]
+ *
+ * MIB MiB of anonymous memory are split into THREADS slices. In step s, thread t rewrites
+ * one word in 8 of its slice (so every page is written every step), mixing in the summary its
+ * left neighbour published at the end of step s-1, and publishes the hash of what it wrote.
+ * Thread 0 folds the summaries in thread order into the running result, prints
+ * "iter S hash H" every EVERY steps, and after STEPS steps prints "done H" and exits EXIT.
+ * With THREADS = 1 the main thread does all the work and the process has one thread.
+ * GATE >= 0: thread 0 waits for SIGUSR2 before step GATE (see rs.h). PAUSE_US > 0: thread 0
+ * sleeps that long before each step (a slower pace, same output).
+ */
+#include "rs.h"
+#include <pthread.h>
+#include <sys/mman.h>
+
+static int nthreads;
+static long steps, every, gate, pause_us;
+static int exit_code;
+static uint64_t *mem;
+static size_t words_per_slice;
+static uint64_t *summary, *next_summary;
+static uint64_t result = 0x243f6a8885a308d3ULL;
+
+/* a barrier of a mutex and a condition variable, with a generation so it can be reused */
+static pthread_mutex_t bar_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t bar_cond = PTHREAD_COND_INITIALIZER;
+static int bar_count;
+static unsigned long bar_gen;
+
+static void barrier(void)
+{
+	pthread_mutex_lock(&bar_lock);
+	unsigned long gen = bar_gen;
+	if (++bar_count == nthreads) {
+		bar_count = 0;
+		bar_gen++;
+		pthread_cond_broadcast(&bar_cond);
+	} else {
+		while (gen == bar_gen)
+			pthread_cond_wait(&bar_cond, &bar_lock);
+	}
+	pthread_mutex_unlock(&bar_lock);
+}
+
+static void *worker(void *arg)
+{
+	int t = (int)(intptr_t)arg;
+	uint64_t *w = mem + (size_t)t * words_per_slice;
+	for (long s = 0; s < steps; s++) {
+		if (t == 0 && s == gate)
+			rs_gate_sleep();
+		if (t == 0 && pause_us > 0) {
+			struct timespec ts = {pause_us / 1000000, (pause_us % 1000000) * 1000};
+			while (nanosleep(&ts, &ts) && errno == EINTR)
+				;
+		}
+		uint64_t nbr = summary[(t + nthreads - 1) % nthreads];
+		uint64_t h = (uint64_t)s * 0x100000001b3ULL + (uint64_t)t;
+		for (size_t i = (size_t)(s & 7); i < words_per_slice; i += 8) {
+			uint64_t x = (w[i] ^ nbr) * 6364136223846793005ULL + 1442695040888963407ULL + i;
+			x ^= x >> 29;
+			w[i] = x;
+			h = (h ^ x) * 0x100000001b3ULL;
+		}
+		next_summary[t] = h;
+		barrier();
+		if (t == 0) {
+			for (int k = 0; k < nthreads; k++) {
+				summary[k] = next_summary[k];
+				result = rs_mix(result, summary[k]);
+			}
+			if ((s + 1) % every == 0)
+				printf("iter %ld hash %016llx\n", s + 1, (unsigned long long)result);
+		}
+		barrier();
+	}
+	return NULL;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc != 7 && argc != 8) {
+		fprintf(stderr, "usage: compute THREADS STEPS EVERY MIB GATE EXIT [PAUSE_US]\n");
+		return 2;
+	}
+	nthreads = atoi(argv[1]);
+	steps = atol(argv[2]);
+	every = atol(argv[3]);
+	size_t bytes = (size_t)atol(argv[4]) << 20;
+	gate = atol(argv[5]);
+	exit_code = atoi(argv[6]);
+	pause_us = argc > 7 ? atol(argv[7]) : 0;
+	rs_init();
+	mem = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (mem == MAP_FAILED)
+		rs_die("mmap");
+	words_per_slice = bytes / sizeof(uint64_t) / (size_t)nthreads;
+	for (size_t i = 0; i < bytes / sizeof(uint64_t); i++)
+		mem[i] = i * 0x9e3779b97f4a7c15ULL;
+	summary = calloc((size_t)nthreads, sizeof(uint64_t));
+	next_summary = calloc((size_t)nthreads, sizeof(uint64_t));
+	pthread_t *th = calloc((size_t)nthreads, sizeof(pthread_t));
+	for (int t = 1; t < nthreads; t++)
+		if ((errno = pthread_create(&th[t], NULL, worker, (void *)(intptr_t)t)))
+			rs_die("pthread_create");
+	worker((void *)0);
+	for (int t = 1; t < nthreads; t++)
+		pthread_join(th[t], NULL);
+	printf("done %016llx\n", (unsigned long long)result);
+	return exit_code;
+}
