@@ -7,13 +7,15 @@ same lines after the first. A target given a gate step waits there for SIGUSR2, 
 cannot finish before the test has dumped it, however slow the machine is.
 
 Process hygiene: a restored process is a child of `ckpt restore`, orphaned when ckpt exits.
-PID 1 of this VM does not reap orphans, so the test process makes itself a child subreaper
-(PR_SET_CHILD_SUBREAPER) while the restore modules run: restored processes become its children
-and `Procs` reaps them. Every process a test starts (targets, ckpt, restored processes) is
+An orphan goes to PID 1, which may reap it late (a zombie keeps its PID, so the next restore of
+the image would find the PID in use) or not at all, so the test process makes itself a child
+subreaper (PR_SET_CHILD_SUBREAPER) while the restore modules run: restored processes become its
+children and `Procs` reaps them, which also gives their exit status. Every process a test starts (targets, ckpt, restored processes) is
 SIGKILLed and reaped at teardown, whatever the outcome. No assertion depends on timing: waits
 are bounded by generous deadlines only.
 """
 import ctypes
+import errno
 import json
 import os
 import select
@@ -204,7 +206,7 @@ def wait_file_line(path, pred, timeout=WAIT, proc=None):
 
 
 class LineReader:
-    """Lines from a pipe's read end, with a deadline per line."""
+    """Lines from a pipe's read end (or a terminal's master), with a deadline per line."""
 
     def __init__(self, fd):
         self.fd = fd
@@ -221,7 +223,13 @@ class LineReader:
             assert left > 0, "no output line within %ds; so far %r" % (timeout, self.lines[-5:])
             r, _, _ = select.select([self.fd], [], [], min(left, 1.0))
             if r:
-                chunk = os.read(self.fd, 65536)
+                try:
+                    chunk = os.read(self.fd, 65536)
+                except OSError as e:        # a terminal's master once no slave is open
+                    if e.errno != errno.EIO:
+                        raise
+                    chunk = b""
+                chunk = chunk.replace(b"\r\n", b"\n")
                 if not chunk:
                     self.eof = True
                     if self.buf:
@@ -327,13 +335,14 @@ class Procs:
         self.popens = []
         self.fds = []
 
-    def start(self, name, *args, stdout, user=None, program=None):
+    def start(self, name, *args, stdout, user=None, program=None, cwd="/"):
         """Start a target with stdout to `stdout` (a path: a regular file; or subprocess.PIPE),
         stdin /dev/null, in a session of its own; wait for its "ready PID" line. stderr goes to
         PATH.err for a file (not the same open file: restore does not keep fds sharing one), to
         /dev/null for a pipe (a restored process inherits ckpt's stderr for a pipe, which would
         keep ckpt's stderr open). Targets report crashes on stdout. `program` replaces the
-        target's executable (a copy of it elsewhere). Returns (Popen, LineReader or None)."""
+        target's executable (a copy of it elsewhere). An int `stdout` is an fd to hand over
+        as is (a terminal, say): the caller reads it. Returns (Popen, LineReader or None)."""
         argv = target_argv(name, *args)
         if program is not None:
             argv[0] = str(program)
@@ -343,11 +352,13 @@ class Procs:
         if stdout is subprocess.PIPE:
             r, out = os.pipe()
             err = subprocess.DEVNULL
+        elif isinstance(stdout, int):
+            out, err = os.dup(stdout), subprocess.DEVNULL
         else:
             out = os.open(str(stdout), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             err = os.open(str(stdout) + ".err", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd="/",
+            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=str(cwd),
                                  start_new_session=True)
         finally:
             os.close(out)
@@ -358,6 +369,8 @@ class Procs:
             reader = LineReader(r)
             self.fds.append(reader)
             line = reader.readline()
+        elif isinstance(stdout, int):
+            return p, None
         else:
             line = wait_file_line(stdout, lambda s: True, proc=p)
         assert line == "ready %d" % p.pid, "%s: unexpected first line %r" % (name, line)

@@ -36,7 +36,7 @@ def _finish(pid, gate=True):
     return wait_gone(pid)
 
 
-def _run_dump_restore(procs, tmp_path, name, args):
+def _run_dump_restore(procs, tmp_path, name, args, *dump_args):
     """Start the gated target with stdout to a file, dump it (killed) mid-run, reap it, restore
     it, open the gate, wait for the end. Returns (output lines, image path, wait status)."""
     out = tmp_path / "out"
@@ -44,7 +44,7 @@ def _run_dump_restore(procs, tmp_path, name, args):
     gated = list(args)
     p, _ = procs.start(name, *gated, stdout=out)
     wait_file_line(out, _has_iter, proc=p)
-    dump(p.pid, img)
+    dump(p.pid, img, *dump_args)
     reap_killed(p)
     at_dump = read_lines(out)
     assert not any(line.startswith("done") for line in at_dump), "the target finished before the dump"
@@ -73,10 +73,13 @@ COMPUTE_1 = (1, 1500, 50, 16, 1400, 0)
 COMPUTE_8 = (8, 1200, 50, 16, 1100, 0)
 
 
-@pytest.mark.parametrize("args", [COMPUTE_1, COMPUTE_8], ids=["1-thread", "8-threads"])
-def test_compute_target_continues_exactly(procs, tmp_path, args):
+@pytest.mark.parametrize("args,mode", [(COMPUTE_1, "auto"), (COMPUTE_8, "auto"), (COMPUTE_8, "sync"),
+                                       (COMPUTE_8, "stop-the-world")],
+                         ids=["1-thread", "8-threads", "8-threads-sync", "8-threads-stop-the-world"])
+def test_compute_target_continues_exactly(procs, tmp_path, args, mode):
+    """The image of every dump mode restores (auto is async WP here)."""
     ref = reference("compute", *_ungated(args, 4))
-    lines, img, st = _run_dump_restore(procs, tmp_path, "compute", args)
+    lines, img, st = _run_dump_restore(procs, tmp_path, "compute", args, "--mode", mode)
     want, rc = ref.lines()
     assert rc == 0 and want[-1].startswith("done ")
     same_after_ready(lines, want)
@@ -359,3 +362,38 @@ def test_foreground_exit_status_is_the_processes(procs, tmp_path):
     wait_file_line(tmp_path / "pid", lambda s: s.strip() == str(p.pid), proc=ck)
     os.kill(p.pid, signal.SIGKILL)
     assert ck.wait(timeout=WAIT) == 128 + signal.SIGKILL, ck.stderr.read()
+
+
+def test_terminal_stdout_is_reattached(procs, tmp_path):
+    """stdout a terminal: the restored process writes to ckpt restore's terminal."""
+    ref = reference("compute", *_ungated(OPTS_ARGS, 4))
+    from restore_support import LineReader
+    m1, s1 = os.openpty()
+    try:
+        p, _ = procs.start("compute", *OPTS_ARGS, stdout=s1)
+    finally:
+        os.close(s1)
+    old = LineReader(m1)
+    procs.fds.append(old)
+    assert old.readline() == "ready %d" % p.pid
+    while not _has_iter(old.readline()):
+        pass
+    img = tmp_path / "image"
+    dump(p.pid, img)
+    reap_killed(p)
+    before = list(old.lines) + old.read_all()
+    m2, s2 = os.openpty()
+    new = LineReader(m2)
+    procs.fds.append(new)
+    procs.adopt(p.pid)
+    try:
+        ck = procs.popen_ckpt("restore", img, stdout=s2)
+    finally:
+        tty = os.ttyname(s2)
+        os.close(s2)
+    assert ck.wait(timeout=WAIT) == 0, ck.stderr.read()
+    assert os.readlink("/proc/%d/fd/1" % p.pid) == tty
+    st = _finish(p.pid)
+    after = [line for line in new.read_all() if not line.startswith("restored process %d" % p.pid)]
+    same_after_ready(before + after, ref.lines()[0])
+    _assert_exit(st)

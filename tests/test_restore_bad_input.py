@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import one_line_error
-from restore_support import (Procs, alive, dump, exe, exists, image_meta, kill_and_reap,  # noqa: F401
+from restore_support import (Procs, alive, ckpt_argv, dump, exe, exists, image_meta, kill_and_reap,  # noqa: F401
                              read_lines, reap_killed, rs_built, run_ckpt, start_time, subreaper, wait_file_line,
                              wait_gone)
 from ckpt.image import format as fmt
@@ -72,10 +72,39 @@ def _regions(img):
     return out
 
 
-def assert_refused(img, tids, pattern, procs=None):
-    """ckpt restore IMG fails with one line matching pattern, and nothing was created."""
+STRACE = shutil.which("strace")
+
+
+def _restore_watched(img, pidfile):
+    """ckpt restore IMG --pidfile F, under `strace -e trace=clone3` (ckpt's own process only,
+    not -f: its child is ptraced by ckpt itself) when strace exists, so that a process created
+    and killed again during a refused restore is seen too. Returns (rc, stdout, stderr,
+    the clone3 calls that asked for a PID (set_tid) or None without strace)."""
+    argv = ckpt_argv("restore", img, "--pidfile", pidfile)
+    log = None
+    if STRACE:
+        log = str(pidfile) + ".strace"
+        argv = [STRACE, "-qq", "-e", "trace=clone3", "-o", log] + argv
+    res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300, cwd="/")
+    calls = None
+    if log:
+        with open(log) as f:
+            calls = [line.strip() for line in f if "clone3(" in line and "set_tid" in line]
+        os.unlink(log)
+    return res.returncode, res.stdout, res.stderr, calls
+
+
+def assert_refused(img, tids, pattern):
+    """ckpt restore IMG fails with one line matching pattern, and nothing was created: no
+    process with the image's IDs, no pidfile, not even a process created and killed again."""
     assert not any(exists(t) for t in tids), "a process holds the image's IDs before the restore"
-    rc, out, err = run_ckpt("restore", img)
+    pidfile = "%s.pid-%d" % (img, os.getpid())
+    if os.path.isdir(img):
+        pidfile = os.path.join(img, "restored.pid")
+    rc, out, err, clones = _restore_watched(img, pidfile)
+    pidfile_written = os.path.exists(pidfile)
+    if pidfile_written:
+        os.unlink(pidfile)
     if rc == 0 or any(exists(t) for t in tids):
         for t in tids:                      # whatever got created goes, but the test fails
             if exists(t):
@@ -85,6 +114,8 @@ def assert_refused(img, tids, pattern, procs=None):
     assert re.search(pattern, line), "refusal does not name the problem (%s): %s" % (pattern, line)
     leftover = [t for t in tids if exists(t)]
     assert not leftover, "refused, yet IDs %s exist now" % leftover
+    assert not pidfile_written, "refused, yet the pidfile was written"
+    assert not clones, "refused only after creating a process: %s" % clones
     return line
 
 
@@ -234,14 +265,37 @@ def test_pid_in_use_is_refused(module_procs, tmp_path):
     img = tmp_path / "image"
     dump(p.pid, img, "--leave-running")
     started = start_time(p.pid)
-    rc, so, err = run_ckpt("restore", img)
+    rc, so, err, clones = _restore_watched(img, tmp_path / "pid")
     assert rc != 0, so
     line = one_line_error(err)
     assert re.search(r"PID %d is in use" % p.pid, line), line
+    assert not clones, "refused only after creating a process: %s" % clones
+    assert not (tmp_path / "pid").exists()
     assert p.poll() is None and alive(p.pid) and start_time(p.pid) == started, "the original was disturbed"
     os.kill(p.pid, signal.SIGUSR2)            # and it still runs to its end
     assert p.wait(timeout=120) == 0
     assert read_lines(out)[-1].startswith("done ")
+
+
+def test_unreaped_original_is_refused(module_procs, tmp_path):
+    """The original killed by the dump but not reaped yet holds its PID as a zombie: restore
+    refuses (after a short grace period for the parent to reap it), naming the PID; once it is
+    reaped, the same image restores."""
+    out = tmp_path / "out"
+    p, _ = module_procs.start("compute", *ARGS, stdout=out)
+    wait_file_line(out, _has_iter, proc=p)
+    img = tmp_path / "image"
+    dump(p.pid, img)
+    rc, so, err, clones = _restore_watched(img, tmp_path / "pid")
+    assert rc != 0, so
+    line = one_line_error(err)
+    assert re.search(r"PID %d is in use" % p.pid, line), line
+    assert not clones, "refused only after creating a process: %s" % clones
+    reap_killed(p)
+    module_procs.adopt(p.pid)
+    rc, _, err = run_ckpt("restore", img)
+    assert rc == 0, err
+    kill_and_reap(p.pid)
 
 
 def _take_pid(want, tries=20):
@@ -266,13 +320,14 @@ def test_thread_id_in_use_is_refused(good_image, tmp_path):
     if squatter is None:
         pytest.skip("could not get PID %d for a squatter (the machine forks too much)" % tids[1])
     try:
-        rc, so, err = run_ckpt("restore", img)
+        rc, so, err, clones = _restore_watched(img, tmp_path / "pid")
         if exists(tids[0]):
             kill_and_reap(tids[0])
         assert rc != 0, so
         line = one_line_error(err)
         assert re.search(r"PID %d is in use" % tids[1], line), line
         assert not exists(tids[0]), "refused, yet PID %d exists" % tids[0]
+        assert not clones, "refused only after creating a process: %s" % clones
         assert squatter.poll() is None, "the process holding the thread ID was disturbed"
     finally:
         squatter.kill()
@@ -286,8 +341,9 @@ def test_missing_open_file_is_refused(module_procs, tmp_path):
     d = tmp_path / "files"
     d.mkdir()
     (d / "data.bin").write_bytes(bytes(((i * 7 + 3) & 0xFF) for i in range(8192)))
-    p, reader = module_procs.start("fdcheck", d, stdout=subprocess.PIPE)
-    reader.readline()
+    out = tmp_path / "out"
+    p, _ = module_procs.start("fdcheck", d, stdout=out)
+    wait_file_line(out, lambda s: s.startswith("fds "), proc=p)
     img = tmp_path / "image"
     dump(p.pid, img)
     reap_killed(p)
@@ -302,3 +358,16 @@ def test_missing_open_file_is_refused(module_procs, tmp_path):
     rc, _, err = run_ckpt("restore", img)
     assert rc == 0, "with the files back, restore should work: %s" % err
     kill_and_reap(p.pid)
+
+
+def test_missing_working_directory_is_refused(module_procs, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    out = tmp_path / "out"
+    p, _ = module_procs.start("compute", *ARGS, stdout=out, cwd=work)
+    wait_file_line(out, _has_iter, proc=p)
+    img = tmp_path / "image"
+    dump(p.pid, img)
+    reap_killed(p)
+    work.rmdir()
+    assert_refused(img, [p.pid], r"working directory %s no longer exists" % re.escape(str(work)))

@@ -88,6 +88,15 @@ class Plan:
             _check_identity(self.proc["exe"], exe, "executable")
         if not os.path.isdir(self.proc["cwd"]):
             raise RestoreError("working directory %s no longer exists" % self.proc["cwd"])
+        # files, directories and devices the fds are reopened from: checked here, before the
+        # process exists, rather than half-way through building it
+        for e in self.fds:
+            if e.get("inherit") or e["kind"] not in ("file", "dir", "chardev") or e.get("tty"):
+                continue
+            if not os.path.exists(e["path"]):
+                raise RestoreError("fd %d: %s %s no longer exists (it was open at the dump)"
+                                   % (e["fd"], {"dir": "directory", "chardev": "device"}.get(e["kind"], "file"),
+                                      e["path"]))
 
     def _check_pids(self):
         for t in self.threads:
