@@ -69,7 +69,9 @@ static void *worker(void *arg)
 		}
 		pthread_rwlock_unlock(&park);
 		if (rate) {
-			ts.tv_nsec = rate > 1000 ? 1000000 : 1000000000L / rate;
+			long ns = rate > 1000 ? 1000000 : 1000000000L / rate;
+			ts.tv_sec = ns / 1000000000L;
+			ts.tv_nsec = ns % 1000000000L;
 			nanosleep(&ts, NULL);
 		}
 	}
