@@ -1,4 +1,5 @@
-"""`ckpt demo`: dump a built-in target that writes memory hard, live and stop-the-world, side by side.
+"""`ckpt demo`: dump a built-in target that writes memory hard, live and stop-the-world side by
+side, then kill it, restore it and check it.
 
 Steps (each a method of Demo, run in this order by run_demo):
   build       compile the writer target (tests/targets/writer.c, or the copy embedded below)
@@ -10,8 +11,9 @@ Steps (each a method of Demo, run in this order by run_demo):
   time_live   a second live dump without verification: the freeze window as a user sees it
   dump_stw    a stop-the-world dump (--mode stop-the-world --leave-running): the baseline
   compare     both freeze windows side by side, and the ratio
-  restore     the place for restoring the live image (not implemented yet: skipped)
   self_check  SIGUSR1: the target checks every page it owns and prints "ok N"
+  restore     a final verified dump that kills the target, then `ckpt restore` of it: the
+              restored process (same PID) checks every page and must print "ok N" too
   cleanup     always: kill the target, delete the images and the build
 """
 import os
@@ -19,6 +21,7 @@ import select
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -171,6 +174,13 @@ class _Target:
         self.pid = self.proc.pid
         self._buf = b""
 
+    @classmethod
+    def attach(cls, proc, pid):
+        """A process that is not our child (a restored one), reading the pipe `proc` writes to."""
+        t = cls.__new__(cls)
+        t.proc, t.pid, t._buf, t.foreign = proc, pid, b"", True
+        return t
+
     def read_line(self, timeout):
         """The next line the target prints, or None after `timeout` seconds or at its exit."""
         fd = self.proc.stdout.fileno()
@@ -203,6 +213,10 @@ class _Target:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        if getattr(self, "foreign", False):
+            end = time.monotonic() + 10
+            while os.path.exists("/proc/%d" % self.pid) and time.monotonic() < end:
+                time.sleep(0.01)
         self.proc.wait()
         self.proc.stdout.close()
 
@@ -315,11 +329,39 @@ class Demo:
         self.echo("")
 
     def restore(self):
-        """The place for the restore step: restore self.images[0] (the verified live image) into
-        a new process, then ask that process to check itself (as self_check does) and compare
-        its output with the original's. Returns True/False once restore exists; None = skipped."""
-        self.echo("restore: not available yet, skipped")
-        return None
+        """Dump the target for good (killed, as for hibernation), restore it, and have the
+        restored process check every page: it must print what the original would."""
+        self.echo("final dump (--verify, the target is killed) ...")
+        from ckpt.dump.session import DumpOptions, dump
+        img = self.image("final")
+        r = dump(self.target.pid, DumpOptions(output=img, verify=True))
+        self.echo("  freeze %.2f ms (verification included), rounds (pages) %s" % (r["freeze_ms"], r["rounds"]))
+        pid = self.target.pid
+        self.target.proc.wait()          # reap the original so that its PID is free again
+        self.echo("restore ...")
+        pidfile = os.path.join(self.image_dir, "restored.pid")
+        # the restored process's stdout was a pipe to us: it gets `ckpt restore`'s, this pipe
+        proc = subprocess.Popen([sys.executable, "-m", "ckpt", "restore", img, "--pidfile", pidfile],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.restored = _Target.attach(proc, pid)
+        line = self.restored.read_line(timeout=120)
+        rc = proc.wait(timeout=120)
+        if rc != 0:
+            self.fail("ckpt restore failed: %s" % proc.stderr.read().decode(errors="replace").strip())
+            return False
+        self.echo("  %s" % line)
+        with open(pidfile) as f:
+            got = int(f.read())
+        if got != pid:
+            self.fail("restored with PID %d, not %d" % (got, pid))
+        os.kill(pid, signal.SIGUSR1)
+        line = self.restored.read_line(timeout=60 + self.size_mb / 16)
+        want = "ok %d" % (self.size_mb * 256)
+        self.echo("restored process %d self-check: %s" % (pid, line))
+        if line != want:
+            self.fail("the restored process printed %r, not %r" % (line, want))
+            return False
+        return True
 
     def self_check(self):
         if not self.target.alive():
@@ -336,6 +378,9 @@ class Demo:
         if self.target is not None:
             self.target.kill()
             self.target = None
+        if getattr(self, "restored", None) is not None:
+            self.restored.kill()
+            self.restored = None
         for p in self.images:
             try:
                 os.unlink(p)
@@ -345,7 +390,7 @@ class Demo:
             if d:
                 shutil.rmtree(d, ignore_errors=True)
 
-    STEPS = ("build", "start", "dump_live", "time_live", "dump_stw", "compare", "restore", "self_check")
+    STEPS = ("build", "start", "dump_live", "time_live", "dump_stw", "compare", "self_check", "restore")
 
     def run(self):
         try:
