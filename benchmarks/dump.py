@@ -378,7 +378,7 @@ def tables(results, reps):
             fmt(lv and lv["image_bytes"] / 2**20, ".1f"), fmt(st and st["image_bytes"] / 2**20, ".1f"),
             ("%d, %d" % (lv["rounds"], lv["final_pages"])) if lv else "–",
             (c.get("self_check") or "–") + (" (%d errors)" % len(c["errors"]) if c["errors"] else ""),
-            fmt(c.get("busy_before") and c["busy_before"] * 100, ".0f") + ("%" if c.get("busy_before") is not None else "")))
+            "–" if c.get("busy_before") is None else "%.0f%%" % (c["busy_before"] * 100)))
     out.append("")
     out.append("### Where the freeze goes (median ms per phase)")
     out.append("")
@@ -482,7 +482,8 @@ def main(argv=None):
     print()
     print(tables(results, reps))
     if a.json:
-        doc = {"machine": mach, "code": code, "busy_before": busy0, "notes": a.note, "started": started.isoformat(), "command": command, "reps": reps,
+        doc = {"machine": mach, "code": code, "busy_before": busy0, "notes": a.note,
+               "started": started.isoformat(), "command": command, "reps": reps,
                "results": results}
         if a.json == "-":
             print()

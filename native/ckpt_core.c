@@ -15,6 +15,7 @@
 #include <string.h>
 #include <signal.h>
 #include <sys/ioctl.h>
+#include <sys/prctl.h>
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -302,6 +303,8 @@ int ck_spawn_stopped(int pid)
 	if (r < 0)
 		return -errno;
 	if (r == 0) {
+		/* die with the restorer if it dies before the release (which clears this again) */
+		syscall(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
 		syscall(SYS_ptrace, PTRACE_TRACEME, 0, 0, 0);
 		syscall(SYS_kill, syscall(SYS_getpid), SIGSTOP);
 		syscall(SYS_exit_group, 127);
@@ -375,11 +378,14 @@ static void *tracker_main(void *arg)
 			if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
 				continue;
 			uint64_t page = msgs[i].arg.pagefault.address & ~((uint64_t)psz - 1);
-			/* flag the page, then lift the protection: this wakes the writer */
-			tracker_record(t, page);
+			/* lift the protection (this wakes the writer), then flag the page. Not the
+			 * other way round: the checkpointer drains the flags and then protects the
+			 * pages it got again; a flag drained before this unprotect would have its
+			 * page left unprotected, and every later write to it unseen */
 			int e = ck_uffd_wp(t->uffd, page, (uint64_t)psz, 0);
 			if (e < 0 && e != -ENOENT)
 				t->error = -e;
+			tracker_record(t, page);
 		}
 	}
 	return NULL;

@@ -10,9 +10,9 @@ Process hygiene: a restored process is a child of `ckpt restore`, orphaned when 
 An orphan goes to PID 1, which may reap it late (a zombie keeps its PID, so the next restore of
 the image would find the PID in use) or not at all, so the test process makes itself a child
 subreaper (PR_SET_CHILD_SUBREAPER) while the restore modules run: restored processes become its
-children and `Procs` reaps them, which also gives their exit status. Every process a test starts (targets, ckpt, restored processes) is
-SIGKILLed and reaped at teardown, whatever the outcome. No assertion depends on timing: waits
-are bounded by generous deadlines only.
+children and `Procs` reaps them, which also gives their exit status. Every process a test
+starts (targets, ckpt, restored processes) is SIGKILLed and reaped at teardown, whatever the
+outcome. No assertion depends on timing: waits are bounded by generous deadlines only.
 """
 import ctypes
 import errno
@@ -23,7 +23,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 

@@ -64,6 +64,23 @@ def test_dump_twice_in_a_row(spawn, tmp_path):
         before = t.assert_progress(before)
 
 
+def test_mapping_moved_back_next_to_its_origin(spawn, tmp_path):
+    """The mergeback target moves a small mapping away and, once ckpt has registered it, back
+    next to the big mapping it came from: the kernel merges them and drops the registration
+    of the whole merged VMA while its pages keep their write-protect bits. ckpt registers it
+    again, and must still see every later write (it clears the old bits first). Three dumps
+    in a row, each verified: the sequence needs the dump to catch the target at the right
+    moment, which it does in a good share of dumps, not in all."""
+    t = spawn("mergeback", 32)
+    for i in range(3):
+        img = tmp_path / ("image%d" % i)
+        rc, so, se = run_ckpt("dump", t.pid, "-o", img, "--leave-running", "--verify", "--json")
+        assert rc == 0, "dump %d: %s" % (i, se)
+        assert dump_json(so)["verified"] is True
+    target_clean(t, tmp_path, ["image0", "image1", "image2"])
+    t.assert_progress(t.assert_ok())
+
+
 def test_shared_memory_of_the_target_is_copied_while_frozen(spawn, tmp_path):
     """Shared memory the target maps but does not write (MAP_SHARED|MAP_ANONYMOUS and a
     memfd, written by a child process that is stopped now) is copied whole in the frozen

@@ -14,9 +14,10 @@ import subprocess
 
 import pytest
 
-from restore_support import (HAVE_AVX2, NOBODY, WAIT, alive, describe_status, dump, fdinfo, image_meta,  # noqa: F401
-                             image_tids, kill_and_reap, procs, read_lines, reap_killed, reference, restore_ok,
-                             rs_built, same_after_ready, status, subreaper, tids, wait_file_line, wait_gone)
+from restore_support import (HAVE_AVX2, NOBODY, WAIT, LineReader, alive, describe_status, dump, fdinfo,  # noqa: F401
+                             image_meta, image_tids, kill_and_reap, procs, read_lines, reap_killed, reference,
+                             restore_ok, rs_built, same_after_ready, status, subreaper, tids, wait_file_line,
+                             wait_gone)
 
 SYS_read, SYS_futex, SYS_nanosleep, SYS_clock_nanosleep, SYS_restart_syscall = 0, 202, 35, 230, 219
 NOT_IN_SYSCALL = (1 << 64) - 1      # orig_rax of a thread stopped in user mode
@@ -28,11 +29,10 @@ def _has_iter(line):
     return line.startswith("iter ")
 
 
-def _finish(pid, gate=True):
-    """Open the gate of a restored target and wait for it to exit; its wait status (we are its
-    subreaper) or None."""
-    if gate:
-        os.kill(pid, signal.SIGUSR2)
+def _finish(pid):
+    """Open the gate of a restored target and wait for it to exit; returns its wait status
+    (we are its subreaper, so we reap it)."""
+    os.kill(pid, signal.SIGUSR2)
     return wait_gone(pid)
 
 
@@ -41,8 +41,7 @@ def _run_dump_restore(procs, tmp_path, name, args, *dump_args):
     it, open the gate, wait for the end. Returns (output lines, image path, wait status)."""
     out = tmp_path / "out"
     img = tmp_path / "image"
-    gated = list(args)
-    p, _ = procs.start(name, *gated, stdout=out)
+    p, _ = procs.start(name, *args, stdout=out)
     wait_file_line(out, _has_iter, proc=p)
     dump(p.pid, img, *dump_args)
     reap_killed(p)
@@ -57,8 +56,8 @@ def _run_dump_restore(procs, tmp_path, name, args, *dump_args):
 
 
 def _assert_exit(st, code=0):
-    if st is not None:
-        assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == code, "restored process: %s" % describe_status(st)
+    assert st is not None, "the restored process was not ours to reap (not reparented to the subreaper?)"
+    assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == code, "restored process: %s" % describe_status(st)
 
 
 def _ungated(args, gate_pos):
@@ -123,15 +122,21 @@ def test_python_program_continues_exactly(procs, tmp_path):
 
 
 # ------------------------------------------------------------------ 3. ten dump/restore cycles
-# compute with a pace: THREADS STEPS EVERY MIB GATE EXIT PAUSE_US
-CYCLES_ARGS = (4, 5000, 20, 8, 4900, 0, 2000)
+# compute THREADS STEPS EVERY MIB GATE EXIT PAUSE_US CREDIT: paced, and each SIGUSR2 allows it
+# CREDIT more steps (SIGUSR1: no limit, no pace), so it can neither finish nor reach any fixed
+# point during the cycles, however long they take
+CYCLES_ARGS = (4, 6000, 20, 8, -1, 0, 1000, 400)
+
+
+def _last_iter(out):
+    return max([int(line.split()[1]) for line in read_lines(out) if _has_iter(line)] + [0])
 
 
 def test_ten_cycles_of_leave_running_kill_restore(procs, tmp_path):
     """Dump with --leave-running, kill, restore; ten times, each time dumping the process the
     previous cycle restored. Each restored process must run on (print new lines) before the
     next cycle, and the final output must be the uninterrupted run's."""
-    ref = reference("compute", *_ungated(CYCLES_ARGS, 4))
+    ref = reference("compute", *CYCLES_ARGS[:6])
     out = tmp_path / "out"
     p, _ = procs.start("compute", *CYCLES_ARGS, stdout=out)
     pid = p.pid
@@ -141,7 +146,7 @@ def test_ten_cycles_of_leave_running_kill_restore(procs, tmp_path):
         img = tmp_path / ("image-%d" % cycle)
         dump(pid, img, "--leave-running")
         assert alive(pid), "cycle %d: --leave-running left %d dead" % (cycle, pid)
-        seen = max(int(line.split()[1]) for line in read_lines(out) if _has_iter(line))
+        seen = _last_iter(out)
         if cycle == 0:
             os.kill(pid, signal.SIGKILL)
             assert p.wait(timeout=WAIT) == -signal.SIGKILL
@@ -149,8 +154,11 @@ def test_ten_cycles_of_leave_running_kill_restore(procs, tmp_path):
             kill_and_reap(pid)
         got, _, _ = restore_ok(procs, img)
         assert got == pid and tids(pid) == want_tids, "cycle %d: PID or thread IDs changed" % cycle
+        os.kill(pid, signal.SIGUSR2)        # CREDIT steps more
         wait_file_line(out, lambda s: _has_iter(s) and int(s.split()[1]) > seen)
-    st = _finish(pid)
+    assert _last_iter(out) < CYCLES_ARGS[1]
+    os.kill(pid, signal.SIGUSR1)
+    st = wait_gone(pid)
     same_after_ready(read_lines(out), ref.lines()[0])
     _assert_exit(st)
 
@@ -205,7 +213,6 @@ def _fdcheck_dir(tmp_path):
 def _restore_attached(procs, img):
     """`ckpt restore IMG` with its stdout a pipe of ours, which the restored process inherits
     as its stdout; returns (pid, LineReader positioned after ckpt's own line)."""
-    from restore_support import LineReader
     r, w = os.pipe()
     pid = image_meta(img)["process"]["pid"]
     procs.adopt(pid)
@@ -341,7 +348,6 @@ def test_foreground_exit_status_is_the_processes(procs, tmp_path):
     ck = procs.popen_ckpt("restore", img, "--foreground", "--json")
     procs.adopt(p.pid)
     lines, res = [], None
-    from restore_support import LineReader
     ckout = LineReader(ck.stdout.fileno())
     while res is None:
         line = ckout.readline()
@@ -367,7 +373,6 @@ def test_foreground_exit_status_is_the_processes(procs, tmp_path):
 def test_terminal_stdout_is_reattached(procs, tmp_path):
     """stdout a terminal: the restored process writes to ckpt restore's terminal."""
     ref = reference("compute", *_ungated(OPTS_ARGS, 4))
-    from restore_support import LineReader
     m1, s1 = os.openpty()
     try:
         p, _ = procs.start("compute", *OPTS_ARGS, stdout=s1)

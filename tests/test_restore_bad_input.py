@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import one_line_error
-from restore_support import (Procs, alive, ckpt_argv, dump, exe, exists, image_meta, kill_and_reap,  # noqa: F401
-                             read_lines, reap_killed, rs_built, run_ckpt, start_time, subreaper, wait_file_line,
-                             wait_gone)
+from restore_support import (Procs, alive, ckpt_argv, describe_status, dump, exe, exists,  # noqa: F401
+                             image_meta, kill_and_reap, read_lines, reap_killed, rs_built, run_ckpt,
+                             start_time, subreaper, wait_file_line, wait_gone)
 from ckpt.image import format as fmt
 from ckpt.image.reader import ImageReader
 
@@ -371,3 +371,41 @@ def test_missing_working_directory_is_refused(module_procs, tmp_path):
     reap_killed(p)
     work.rmdir()
     assert_refused(img, [p.pid], r"working directory %s no longer exists" % re.escape(str(work)))
+
+
+# ------------------------------------------------------------------ ckpt dies mid-restore
+def test_ckpt_killed_mid_restore_leaves_nothing(module_procs, tmp_path):
+    """ckpt restore SIGKILLed while it builds the process: the half-built process must die with
+    it rather than linger (stopped, or running half-restored) with the image's PID. ckpt is
+    frozen (SIGSTOP) once the new process's address space no longer holds ckpt's interpreter,
+    checked to be still building it (it traces the process), then killed."""
+    out = tmp_path / "out"
+    p, _ = module_procs.start("compute", 1, 100000, 10, 64, 60, 0, stdout=out)     # 64 MiB to write back
+    wait_file_line(out, _has_iter, proc=p)
+    img = tmp_path / "image"
+    dump(p.pid, img)
+    reap_killed(p)
+    pid = p.pid
+    module_procs.adopt(pid)
+    ck = module_procs.popen_ckpt("restore", img)
+    while True:
+        try:
+            with open("/proc/%d/maps" % pid) as f:
+                maps = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            maps = None
+        if maps is not None and "python" not in maps:
+            break
+        assert ck.poll() is None, "ckpt ended before it could be caught building: %s" % (ck.communicate(),)
+    os.kill(ck.pid, signal.SIGSTOP)
+    with open("/proc/%d/status" % pid) as f:
+        tracer = [int(line.split()[1]) for line in f if line.startswith("TracerPid:")][0]
+    if tracer != ck.pid:
+        os.kill(ck.pid, signal.SIGCONT)
+        pytest.skip("ckpt had already released the process when it was caught")
+    os.kill(ck.pid, signal.SIGKILL)
+    ck.communicate(timeout=60)
+    st = wait_gone(pid, timeout=60)
+    assert st is not None, "the half-built process was not reparented to us"
+    assert os.WIFSIGNALED(st) and os.WTERMSIG(st) == signal.SIGKILL, \
+        "the half-built process outlived ckpt and ended on its own: %s" % describe_status(st)

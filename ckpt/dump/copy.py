@@ -72,6 +72,7 @@ class Copier:
         self.buf = bytearray(CHUNK)
         self.view = memoryview(self.buf)
         self.unreadable_pages = 0
+        self.spare = []          # touched buffers for the frozen phase (prepare_sink)
         self._held = []          # merged [start, end) of the page records written so far
         self._held_upto = 0      # how much of the writer's index _held accounts for
 
@@ -134,37 +135,53 @@ class Copier:
     def close(self):
         self.mem.close()
 
-    def copy(self, runs, sink=None, check=None):
-        """Copy the runs; pages go to the image, or to `sink` (a list) to be written later by
-        write_sink(). Returns the number of pages copied. `check` is called between batches."""
+    def prepare_sink(self, nbytes, limit=256 << 20):
+        """Buffers for the frozen phase's copy, allocated and touched while the target still
+        runs: faulting in fresh memory costs microseconds per page here, and would otherwise
+        land inside the freeze window."""
+        want = min(limit, max(nbytes, CHUNK)) // CHUNK + 1
+        while len(self.spare) < want:
+            b = bytearray(CHUNK)
+            for i in range(0, CHUNK, PAGE_SIZE):
+                b[i] = 1
+            self.spare.append(b)
+
+    def copy(self, runs, sink=None, check=None, scatter=False):
+        """Copy the runs. Pages go to the image: as page records with zero runs apart (the bulk
+        of round 0), or with scatter=True as one SCATTER record per batch (the written pages of
+        later rounds, scattered and many). With a `sink` (a list) they are kept in memory, to be
+        written by write_sink() once the target runs again. Returns the number of pages copied;
+        `check` is called between batches."""
         pages = 0
         for batch in split_runs(runs):
             if check:
                 check()
+            buf = self.buf
+            if sink is not None:
+                buf = self.spare.pop() if self.spare else bytearray(CHUNK)
             try:
-                status = self.mem.read_runs(batch, self.buf)
+                status = self.mem.read_runs(batch, buf)
             except OSError as e:
                 if e.errno == errno.ESRCH:
                     raise TargetGone("process %d exited during the dump" % self.pid) from None
                 raise
-            total = sum(length for _, length in batch)
             if sink is not None:
-                # frozen: one copy of the batch now, split into records after the release
-                sink.append((batch, status, bytes(self.view[:total])))
-                for (addr, length), err in zip(batch, status):
-                    if err:
-                        pages += self._copy_pagewise(addr, length, sink)
-                    else:
-                        pages += length // PAGE_SIZE
-                continue
+                sink.append((batch, status, buf))
+            view = memoryview(buf)
             off = 0
+            ok, parts = [], []
             for (addr, length), err in zip(batch, status):
                 if err:
                     pages += self._copy_pagewise(addr, length, sink)
                 else:
-                    emit_pages(self.writer, addr, self.view[off:off + length])
+                    if sink is None and not scatter:
+                        emit_pages(self.writer, addr, view[off:off + length])
+                    ok.append((addr, length))
+                    parts.append(view[off:off + length])
                     pages += length // PAGE_SIZE
                 off += length
+            if sink is None and scatter and ok:
+                self.writer.add_scatter(ok, view[:off] if len(ok) == len(batch) else b"".join(parts))
         return pages
 
     def _copy_pagewise(self, addr, length, sink):
@@ -178,19 +195,25 @@ class Copier:
                 continue
             if sink is not None:
                 sink.append(([(a, PAGE_SIZE)], [0], bytes(page)))
+                page = bytearray(PAGE_SIZE)
             else:
                 emit_pages(self.writer, a, memoryview(page))
             n += 1
         return n
 
     def write_sink(self, sink):
+        """Write what the frozen phase copied, one SCATTER record per batch."""
         for batch, status, data in sink:
             view = memoryview(data)
             off = 0
+            ok, parts = [], []
             for (addr, length), err in zip(batch, status):
                 if not err:
-                    emit_pages(self.writer, addr, view[off:off + length])
+                    ok.append((addr, length))
+                    parts.append(view[off:off + length])
                 off += length
+            if ok:
+                self.writer.add_scatter(ok, view[:off] if len(ok) == len(batch) else b"".join(parts))
 
 
 def emit_pages(writer, addr, data):

@@ -123,7 +123,8 @@ class Dump:
 
     def _copy_round(self, index, runs, extra_pages=0, t_start=None):
         t = time.perf_counter() if t_start is None else t_start
-        pages = self.copier.copy(runs, check=self._check) + extra_pages
+        # round 0 streams big contiguous runs (zero runs kept apart); later rounds scattered pages
+        pages = self.copier.copy(runs, check=self._check, scatter=index > 0) + extra_pages
         ms = (time.perf_counter() - t) * 1000
         info = {"round": index, "pages": pages, "ms": round(ms, 3)}
         self.rounds.append(info)
@@ -193,20 +194,15 @@ class Dump:
         could not be set up cleanly are kept in self._suspect (see AsyncTracker.protect)."""
         rescan = [(v.start, v.end) for v in rescan]
         stop = Freezer(self.pid)
-        failed = []
         try:
             stop.freeze()
             maps = self._trackable(procfs.read_maps(self.pid))
             cov = self._coverage()
             cand = [v for v in maps if not cov.covers(v) or any(s < v.end and e > v.start for s, e in rescan)]
             ok, _refused = self.tracker.register(cand)
-            if self.tracker.protect_stopped:
-                failed = self.tracker.protect(ok)
         finally:
             stop.thaw()
-        if not self.tracker.protect_stopped:
-            failed = self.tracker.protect(ok)
-        self._suspect = failed
+        self._suspect = self.tracker.protect(ok)
         return ok
 
     def _live_rounds(self):
@@ -248,6 +244,9 @@ class Dump:
 
     def _frozen_phase(self):
         self._check()
+        if self.mode != "stop-the-world":
+            last = self.rounds[-1]["pages"] if self.rounds else 0
+            self.copier.prepare_sink(2 * last * PAGE_SIZE)
         self.freezer.freeze()
         self._progress(event="frozen")
         threads = self.freezer.threads
@@ -284,7 +283,8 @@ class Dump:
         runs = runs + whole + reread
         mark("final_scan")
         final = []
-        pages = self.copier.copy(runs, sink=final)
+        # stop-the-world copies everything while frozen anyway: straight into the image
+        pages = self.copier.copy(runs, sink=final if self.mode != "stop-the-world" else None, scatter=True)
         mark("final_copy")
         self.result["freeze_breakdown_ms"] = {k: round(v * 1000, 3) for k, v in marks}
         copy_ms = (time.perf_counter() - t_frozen) * 1000

@@ -9,7 +9,8 @@ The proposal's fault handler, in three forms:
 
 All share one interface: register(vmas), protect(vmas), arm(vmas) (both), written(vmas),
 final(vmas), disarm(). Registration must happen with the target stopped (see
-Dump._register_stopped); protect_stopped tells whether protecting must too.
+Dump._register_stopped); protecting happens after the target runs again and returns the
+mappings it could not protect cleanly.
 `written` and `final` return (untracked, runs): the mappings found unregistered (their
 pages must all be copied) and the (addr, length) runs written since the previous call.
 """
@@ -74,10 +75,6 @@ class AsyncTracker(_UffdTracker):
     def __init__(self, uffd_fd, pid):
         super().__init__(uffd_fd, pid, ASYNC_FEATURES)
 
-    # a bulk protect of a range that has changed meanwhile skips what is not registered there
-    # (which later scans report), so it can run while the target runs
-    protect_stopped = False
-
     def protect(self, vmas):
         """Protect freshly registered mappings. Returns those whose old protection bits could
         not be cleared first (the mapping changed meanwhile): they must be registered and
@@ -87,7 +84,10 @@ class AsyncTracker(_UffdTracker):
         PTE: when a moved mapping merges back into a registered neighbour, the kernel drops the
         registration of the whole merged VMA (userfaultfd_reset_ctx) but leaves its PTEs' bits;
         a write there then makes the PTE writable and keeps the bit. WP_MATCHING takes such a
-        page for protected and never reports it again, whatever is written to it."""
+        page for protected and never reports it again, whatever is written to it.
+
+        Runs while the target runs: a bulk protect of a range that has changed meanwhile
+        skips what is not registered there, which later scans report (EPERM)."""
         failed = [v for v in vmas if self.uffd.protect(v.start, v.size, False) != 0]
         # bulk protect: every page not yet protected counts as written; re-arm them all
         self.pm.scan(_ranges(vmas), flags=pagemap.WP_MATCHING, mask=pagemap.WRITTEN,
@@ -134,15 +134,19 @@ class SyncTracker(_UffdTracker):
             raise OSError(errno.ENOMEM, "cannot start the tracker thread")
         self._buf = ffi.new("uint64_t[]", 1 << 16)
 
-    # UFFDIO_WRITEPROTECT fails on a range that is no longer all registered, and nothing
-    # would report it later: protect while the target is stopped
-    protect_stopped = True
-
     def protect(self, vmas):
-        # protects every page, whatever bits it carried
-        for v in vmas:
-            check(self.uffd.protect(v.start, v.size, True), "UFFDIO_WRITEPROTECT")
-        return []
+        """Protect every page of freshly registered mappings (whatever bits they carried).
+        Runs while the target runs: UFFDIO_WRITEPROTECT stops at the first part of a range that
+        is no longer registered, so such mappings are returned, to be armed again or copied
+        whole."""
+        return [v for v in vmas if self.uffd.protect(v.start, v.size, True) != 0]
+
+    def _unregistered(self, vmas):
+        """Mappings that lost their registration (moved by mremap, or merged into a VMA
+        whose registration the kernel dropped): there is no scan to tell in this mode, but
+        protecting one page fails with ENOENT where the VMA is not registered. Protecting
+        that page again costs one more fault at most, which the tracker records."""
+        return [v for v in vmas if self.uffd.protect(v.start, PAGE_SIZE, True) == -errno.ENOENT]
 
     def _drain(self):
         pages = set()
@@ -157,13 +161,14 @@ class SyncTracker(_UffdTracker):
         return _pages_to_runs(sorted(pages))
 
     def written(self, vmas):
+        untracked = self._unregistered(vmas)
         runs = self._drain()
         # re-arm before the caller copies: a write after this point faults again
         self.uffd.protect_runs(runs, True)
-        return [], runs
+        return untracked, runs
 
     def final(self, vmas):
-        return [], self._drain()
+        return self._unregistered(vmas), self._drain()
 
     @property
     def faults(self):
@@ -181,8 +186,6 @@ class SyncTracker(_UffdTracker):
 
 class NoTracker:
     mode = "stop-the-world"
-
-    protect_stopped = False
 
     def register(self, vmas):
         return [], list(vmas)

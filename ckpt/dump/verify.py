@@ -8,7 +8,6 @@ import bisect
 import os
 
 from ckpt.errors import VerifyError
-from ckpt.image import format as fmt
 from ckpt.kernel import pagemap, procfs
 from ckpt.kernel.memio import MemIO, first_diff_page
 from ckpt.kernel.native import PAGE_SIZE
@@ -33,13 +32,13 @@ class _Expected:
         self.pid = pid
         self.reader = reader
         self.extents = reader.extents()
-        self.starts = [s for s, _, _ in self.extents]
+        self.starts = [x[0] for x in self.extents]
 
     def image_runs(self, start, end):
         i = max(0, bisect.bisect_right(self.starts, start) - 1)
         out = []
         while i < len(self.extents) and self.extents[i][0] < end:
-            s, e, _ = self.extents[i]
+            s, e = self.extents[i][:2]
             if e > start:
                 out.append((max(s, start), min(e, end)))
             i += 1
@@ -63,14 +62,11 @@ class _Expected:
     def _image_bytes(self, start, end):
         i = max(0, bisect.bisect_right(self.starts, start) - 1)
         while i < len(self.extents) and self.extents[i][0] < end:
-            s, e, seq = self.extents[i]
-            lo, hi = max(s, start), min(e, end)
+            x = self.extents[i]
+            lo, hi = max(x[0], start), min(x[1], end)
             if lo < hi:
-                off, addr, npages, rtype, _ = self.reader.records[seq]
-                if rtype == fmt.ZERO:
-                    yield lo, bytes(hi - lo)
-                else:
-                    yield lo, self.reader.payload_of(seq)[lo - addr:hi - addr]
+                data = self.reader.extent_bytes(x, lo, hi)
+                yield lo, bytes(hi - lo) if data is None else data
             i += 1
 
 

@@ -11,8 +11,10 @@ One file, written front to back (so it can stream), little-endian:
            before it: offset u64 | addr u64 | npages u32 | type u8 | comp u8 | pad u16
   footer   END_MAGIC (8) | trailer offset u64 | chain crc32 u32 | reserved u32
 
-Page records (PAGES, ZERO) hold runs of pages at an address; a later record for a page
-supersedes an earlier one, which is exactly what the dump's rounds produce. With comp NONE,
+Page records (PAGES, ZERO) hold runs of pages at an address; SCATTER records hold many
+scattered runs at once (the written pages of a round), their run table first and uncompressed,
+then the pages. A later record for a page supersedes an earlier one, which is exactly what the
+dump's rounds produce. With comp NONE,
 payloads are page-aligned in the file so that they can be mapped.
 
 The chain checksum covers the whole file: it is the crc32 over the header bytes followed
@@ -36,9 +38,15 @@ META = 1      # JSON document, payload: json (comp may be LZ4)
 PAGES = 2     # page contents for [addr, addr + npages * page_size)
 ZERO = 3      # pages known to be all zero, no payload
 ROUND = 4     # JSON marker at the end of a round of the dump
+SCATTER = 5   # scattered page runs in one record: run table (never compressed), then their pages
 TRAILER = 0xFF
 
-TYPE_NAMES = {META: "meta", PAGES: "pages", ZERO: "zero", ROUND: "round", TRAILER: "trailer"}
+TYPE_NAMES = {META: "meta", PAGES: "pages", ZERO: "zero", ROUND: "round", SCATTER: "scatter", TRAILER: "trailer"}
+PAGE_TYPES = (PAGES, ZERO, SCATTER)
+
+# SCATTER payload: count u32 | reserved u32 | count x (addr u64, length u64) | page data
+SCATTER_HEAD = struct.Struct("<II")
+SCATTER_RUN = struct.Struct("<QQ")
 
 # compression
 NONE = 0

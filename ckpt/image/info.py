@@ -9,20 +9,20 @@ def describe(path):
     with ImageReader(path) as r:
         metas = r.metas()
         extents = r.extents()
-        starts = [s for s, _, _ in extents]
+        starts = [x[0] for x in extents]
         maps = []
         for m in metas.get("mappings", []):
             n = 0
             i = max(0, bisect.bisect_right(starts, m["start"]) - 1)
             while i < len(extents) and extents[i][0] < m["end"]:
-                s, e, _ = extents[i]
+                s, e = extents[i][:2]
                 n += max(0, min(e, m["end"]) - max(s, m["start"])) // r.page_size
                 i += 1
             maps.append(dict(m, pages_in_image=n))
         total, zero = r.page_bytes()
         payload = 0
         for rec in r.iter_records():
-            if rec.rtype == fmt.PAGES:
+            if rec.rtype in (fmt.PAGES, fmt.SCATTER):
                 payload += rec.length
         return {
             "bytes": r.size, "format": r.header.get("format"), "arch": r.header.get("arch"),

@@ -122,8 +122,11 @@ class ImageReader:
         return data
 
     def payload(self, rec, check=True):
-        """The record's content, decompressed. check=False skips the crc (already verified)."""
+        """The record's content, decompressed (for SCATTER: its page data, without the run
+        table). check=False skips the crc (already verified)."""
         data = self._payload_raw(rec, check)
+        if rec.rtype == fmt.SCATTER:
+            data = data[self._scatter_table_len(data, rec):]
         if rec.comp == fmt.LZ4:
             try:
                 data = lz4.frame.decompress(data)
@@ -149,6 +152,24 @@ class ImageReader:
             _, old = cache.popitem(last=False)
             self._cache_bytes -= len(old)
         return data
+
+    def _scatter_table_len(self, head, rec):
+        if len(head) < fmt.SCATTER_HEAD.size:
+            raise ImageError("%s: corrupt scatter record at offset %d" % (self.path, rec.offset))
+        n, _ = fmt.SCATTER_HEAD.unpack_from(head)
+        size = fmt.SCATTER_HEAD.size + n * fmt.SCATTER_RUN.size
+        if size > rec.length:
+            raise ImageError("%s: corrupt scatter record at offset %d (%d runs)" % (self.path, rec.offset, n))
+        return size
+
+    def scatter_runs(self, seq):
+        """The (addr, length) runs of a SCATTER record, read from its uncompressed table."""
+        rec = self.record(seq)
+        head = self._pread(rec.payload_offset, fmt.SCATTER_HEAD.size)
+        size = self._scatter_table_len(head, rec)
+        table = self._pread(rec.payload_offset, size)
+        return [fmt.SCATTER_RUN.unpack_from(table, fmt.SCATTER_HEAD.size + i * fmt.SCATTER_RUN.size)
+                for i in range((size - fmt.SCATTER_HEAD.size) // fmt.SCATTER_RUN.size)]
 
     def iter_records(self):
         for seq, (off, *_rest) in enumerate(self.records):
@@ -176,57 +197,74 @@ class ImageReader:
         return out
 
     def extents(self):
-        """Sorted, disjoint (start, end, record seq) with the latest record winning per page."""
+        """Sorted, disjoint (start, end, record seq, data offset of start) with the latest record
+        winning per page; the content of an extent is payload_of(seq)[offset:offset + end - start]."""
         if self._extents is not None:
             return self._extents
         ps = self.page_size
-        intervals = [(addr, addr + npages * ps, seq) for seq, (off, addr, npages, rtype, _) in enumerate(self.records)
-                     if rtype in (fmt.PAGES, fmt.ZERO) and npages]
-        points = sorted({p for s, e, _ in intervals for p in (s, e)})
+        intervals = []
+        for seq, (off, addr, npages, rtype, _) in enumerate(self.records):
+            if rtype in (fmt.PAGES, fmt.ZERO) and npages:
+                intervals.append((addr, addr + npages * ps, seq, 0))
+            elif rtype == fmt.SCATTER:
+                pos = 0
+                for a, n in self.scatter_runs(seq):
+                    intervals.append((a, a + n, seq, pos))
+                    pos += n
+        points = sorted({p for s, e, _, _ in intervals for p in (s, e)})
         intervals.sort()
         heap, out, j = [], [], 0
         for a, b in zip(points, points[1:]):
             while j < len(intervals) and intervals[j][0] <= a:
-                s, e, seq = intervals[j]
-                heapq.heappush(heap, (-seq, e))
+                s, e, seq, doff = intervals[j]
+                heapq.heappush(heap, (-seq, e, s, doff))
                 j += 1
             while heap and heap[0][1] <= a:
                 heapq.heappop(heap)
             if not heap:
                 continue
-            seq = -heap[0][0]
-            if out and out[-1][1] == a and out[-1][2] == seq:
-                out[-1] = (out[-1][0], b, seq)
+            negseq, _, s, doff = heap[0]
+            seq, off = -negseq, doff + (a - s)
+            last = out[-1] if out else None
+            if last and last[1] == a and last[2] == seq and last[3] + (a - last[0]) == off:
+                out[-1] = (last[0], b, seq, last[3])
             else:
-                out.append((a, b, seq))
+                out.append((a, b, seq, off))
         self._extents = out
         return out
 
     def record(self, seq):
         return self._record_at(self.records[seq][0], seq)
 
+    def is_zero(self, seq):
+        return self.records[seq][3] == fmt.ZERO
+
+    def extent_bytes(self, extent, lo, hi, check=True):
+        """Content of [lo, hi) within an extent: bytes-like, or None for a ZERO record."""
+        s, e, seq, off = extent
+        if self.is_zero(seq):
+            return None
+        data = self.payload_of(seq, check)
+        start = off + (lo - s)
+        if start + (hi - lo) > len(data):
+            raise ImageError("%s: record %d holds %d bytes, less than its runs say" % (self.path, seq, len(data)))
+        return memoryview(data)[start:start + (hi - lo)]
+
     def page_bytes(self):
         """Pages the image holds (after superseding) and how many of them are zero records."""
         total = zero = 0
-        for s, e, seq in self.extents():
+        for s, e, seq, _ in self.extents():
             n = (e - s) // self.page_size
             total += n
-            if self.records[seq][3] == fmt.ZERO:
+            if self.is_zero(seq):
                 zero += n
         return total, zero
 
     def iter_content(self):
         """Yield (addr, bytes) for every extent, assembled: later records supersede earlier ones."""
-        for s, e, seq in self.extents():
-            off, addr, npages, rtype, _ = self.records[seq]
-            if rtype == fmt.ZERO:
-                yield s, bytes(e - s)
-                continue
-            data = self.payload_of(seq)
-            if len(data) != npages * self.page_size:
-                raise ImageError("%s: record at offset %d holds %d bytes for %d pages"
-                                 % (self.path, off, len(data), npages))
-            yield s, data[s - addr:e - addr]
+        for x in self.extents():
+            data = self.extent_bytes(x, x[0], x[1])
+            yield x[0], bytes(x[1] - x[0]) if data is None else bytes(data)
 
     # -- checking --------------------------------------------------------------------
     def verify(self, decompress=True):

@@ -87,6 +87,19 @@ class ImageWriter:
         self.bytes_payload += len(data)
         self._record(fmt.PAGES, data, addr, npages, fmt.NONE, align=True)
 
+    def add_scatter(self, runs, data):
+        """Scattered (addr, length) runs whose pages lie back to back in data: one record."""
+        table = fmt.SCATTER_HEAD.pack(len(runs), 0) + b"".join(fmt.SCATTER_RUN.pack(a, n) for a, n in runs)
+        self.bytes_raw += len(data)
+        comp, body = fmt.NONE, data
+        if self.comp == fmt.LZ4:
+            packed = lz4.frame.compress(data, compression_level=0, store_size=True,
+                                        content_checksum=False, block_linked=False)
+            if len(packed) <= len(data) * (1 - _LZ4_MIN_SAVING):
+                comp, body = fmt.LZ4, packed
+        self.bytes_payload += len(body)
+        self._record(fmt.SCATTER, b"".join((table, body)), runs[0][0], len(data) // PAGE_SIZE, comp)
+
     def finish(self):
         """Write the trailer and footer and flush; the image is complete but not yet in place."""
         entries = b"".join(fmt.INDEX_ENTRY.pack(off, addr, n, t, c, 0) for off, addr, n, t, c in self.index)

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from ckpt.errors import CkptError, ImageError, RestoreError
-from ckpt.image import format as fmt
 from ckpt.image.reader import ImageReader
 from ckpt.kernel import procfs, sysno
 from ckpt.kernel.native import PAGE_SIZE, lib
@@ -34,6 +33,7 @@ MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
 MAP_GROWSDOWN, MAP_NORESERVE, MAP_FIXED_NOREPLACE = 0x100, 0x4000, 0x100000
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 O_RDONLY, O_RDWR = 0, 2
+PR_SET_PDEATHSIG = 1
 PTRACE_SETOPTIONS = 0x4200
 PTRACE_O_TRACECLONE = 8
 TASK_TOP = 0x7FFFFFFFF000
@@ -229,6 +229,9 @@ class Builder:
         r = self.remote
         cur = procfs.read_maps(self.pid)
         r.insn = find_syscall_insn(self.pid, cur)
+        # should ckpt die while building (SIGKILL, crash), the half-built process dies with it
+        # instead of lingering stopped or half-restored with the image's PID; cleared at release
+        r.call(sysno.prctl, PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0, what="prctl(PR_SET_PDEATHSIG)")
         # the child inherited ckpt's rseq registration: drop it before its area goes away
         conf = r.main.get_rseq()
         if conf:
@@ -354,18 +357,16 @@ class Builder:
                 j += 1
             k = j
             while k < len(extents) and extents[k][0] < e:
-                es, ee, seq = extents[k]
-                lo, hi = max(es, s), min(ee, e)
+                x = extents[k]
+                lo, hi = max(x[0], s), min(x[1], e)
                 k += 1
                 if lo >= hi:
                     continue
-                off, addr, npages, rtype, _ = reader.records[seq]
-                if rtype == fmt.ZERO:
+                data = reader.extent_bytes(x, lo, hi, check=False)
+                if data is None:
                     if zero_src:
                         continue   # fresh anonymous memory is zero already: nothing to write
                     data = bytes(hi - lo)
-                else:
-                    data = memoryview(reader.payload_of(seq, check=False))[lo - addr:hi - addr]
                 runs.append((lo, hi - lo))
                 buf += data
                 size += hi - lo
@@ -424,6 +425,7 @@ class Builder:
                 raise RestoreError("thread %d would have more privilege than dumped: %s" % (t["tid"], "; ".join(problems)))
 
     def _release(self):
+        self.remote.call(sysno.prctl, PR_SET_PDEATHSIG, 0, 0, 0, 0, what="prctl(PR_SET_PDEATHSIG, 0)")
         for t in self.remote.threads.values():
             t.detach()
 

@@ -9,6 +9,8 @@ are attached to ckpt's own, the way `criu --shell-job` treats a shell job.
 """
 import base64
 import ctypes
+import errno
+import fcntl
 import os
 import stat
 import struct
@@ -23,6 +25,8 @@ O_CREAT, O_EXCL, O_NOCTTY, O_TRUNC = 0o100, 0o200, 0o400, 0o1000
 O_CLOEXEC = 0o2000000
 O_DIRECTORY = 0o200000
 F_DUPFD, F_SETFD, F_SETFL = 0, 2, 4
+F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
+O_NONBLOCK = 0o4000
 AT_FDCWD = -100
 PIPE_PEEK_MAX = 1 << 20
 _OPEN_MASK = ~(O_CREAT | O_EXCL | O_NOCTTY | O_TRUNC | O_CLOEXEC)
@@ -126,15 +130,20 @@ class Pipe(FdKind):
 
     @staticmethod
     def peek(pid, fd):
-        """The pipe's buffered bytes, without taking them out (tee into a private pipe)."""
+        """The pipe's buffered bytes, without taking them out (tee into a private pipe), and
+        its capacity (F_GETPIPE_SZ; None if unknown)."""
         try:
             src = os.open(procfs.proc(pid, "fd", str(fd)), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
-            return b""
+            return b"", None
         try:
+            try:
+                size = fcntl.fcntl(src, F_GETPIPE_SZ)
+            except OSError:
+                size = None
             buf = ffi.new("uint8_t[]", PIPE_PEEK_MAX)
             n = lib.ck_pipe_peek(src, buf, PIPE_PEEK_MAX)
-            return bytes(ffi.buffer(buf, n)) if n > 0 else b""
+            return (bytes(ffi.buffer(buf, n)) if n > 0 else b""), size
         finally:
             os.close(src)
 
@@ -144,14 +153,26 @@ class Pipe(FdKind):
         if key not in table.objects:
             remote.reset()
             fds_addr = remote.alloc(8)
-            remote.call(sysno.pipe2, fds_addr, 0, what="pipe2")
+            # non-blocking while it is refilled, so that a refill that does not fit fails
+            # instead of blocking the restore forever; restore_fds sets each fd's own flags
+            remote.call(sysno.pipe2, fds_addr, O_NONBLOCK, what="pipe2")
             r, w = struct.unpack("<ii", remote.read(fds_addr, 8))
             data = base64.b64decode(entry.get("data") or b"")
+            size = entry.get("pipe_size")
+            if size or len(data) > (16 << 12):
+                # the capacity it had (F_SETPIPE_SZ), at least enough for what it held
+                remote.call(sysno.fcntl, w, F_SETPIPE_SZ, max(size or 0, len(data)),
+                            what="fcntl(F_SETPIPE_SZ, %d) of pipe %s" % (max(size or 0, len(data)), entry["path"]))
             if data:
                 remote.reset()
-                n = remote.call(sysno.write, w, remote.put(data), len(data), what="refilling a pipe")
-                if n != len(data):
-                    raise RestoreError("pipe %s: only %d of %d buffered bytes could be put back" % (entry["path"], n, len(data)))
+                addr, done = remote.put(data), 0
+                while done < len(data):
+                    n = remote.call(sysno.write, w, addr + done, len(data) - done, what="refilling a pipe",
+                                    ok_errors=(errno.EAGAIN,))
+                    if n <= 0:
+                        raise RestoreError("pipe %s: only %d of %d buffered bytes could be put back"
+                                           % (entry["path"], done, len(data)))
+                    done += n
             table.objects[key] = (table.park(r), table.park(w))
         r, w = table.objects[key]
         return w if entry["flags"] & O_ACCMODE == O_WRONLY else r
@@ -265,9 +286,10 @@ def dump_fds(pid, peek=True):
         if e["kind"] == "pipe" and not e["inherit"]:
             ends.setdefault(e["inode"], []).append(e)
     for inode, group in ends.items():
-        data = Pipe.peek(pid, group[0]["fd"])
+        data, size = Pipe.peek(pid, group[0]["fd"])
         for e in group:
             e["data"] = base64.b64encode(data).decode()
+            e["pipe_size"] = size
     return table
 
 

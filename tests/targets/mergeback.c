@@ -15,6 +15,7 @@
 #include <fcntl.h>
 
 #define SPAGES 16
+#define HOT 32
 
 static uint8_t *B, *S;
 static size_t bpages;
@@ -44,38 +45,34 @@ static int page_ok(uint8_t *p)
 	return 1;
 }
 
-/* is the VMA starting at addr registered for uffd write-protect? */
+static int smaps_fd;    /* /proc/self/smaps, opened once: the fd table stays as it was */
+
+/* is the VMA holding addr registered for uffd write-protect? */
 static int registered(void *addr)
 {
 	static char buf[1 << 16];
-	char key[32];
-	int fd = open("/proc/self/smaps", O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return 0;
-	snprintf(key, sizeof(key), "%lx-", (unsigned long)(uintptr_t)addr);
 	int found = 0, in = 0;
 	ssize_t n;
 	size_t have = 0;
+	off_t off = 0;
 	/* line-wise scan; lines are short, a carry-over buffer is enough */
-	while ((n = read(fd, buf + have, sizeof(buf) - 1 - have)) > 0) {
+	while ((n = pread(smaps_fd, buf + have, sizeof(buf) - 1 - have, off)) > 0) {
+		off += n;
 		have += (size_t)n;
 		buf[have] = 0;
 		char *line = buf, *nl;
 		while ((nl = strchr(line, '\n'))) {
 			*nl = 0;
-			if (!strncmp(line, key, strlen(key)))
-				in = 1;
-			else if (in && !strncmp(line, "VmFlags:", 8)) {
-				found = strstr(line, " uw") != NULL;
-				close(fd);
-				return found;
-			}
+			unsigned long lo, hi;
+			if (line[0] != 'V' && sscanf(line, "%lx-%lx ", &lo, &hi) == 2 && strchr(line, '-') < strchr(line, ' '))
+				in = lo <= (unsigned long)(uintptr_t)addr && (unsigned long)(uintptr_t)addr < hi;
+			else if (in && !strncmp(line, "VmFlags:", 8))
+				return strstr(line, " uw") != NULL;
 			line = nl + 1;
 		}
 		have = strlen(line);
 		memmove(buf, line, have);
 	}
-	close(fd);
 	return found;
 }
 
@@ -92,13 +89,12 @@ static void *worker(void *arg)
 		uint8_t *away = mremap(S, SPAGES * PAGE, SPAGES * PAGE, MREMAP_MAYMOVE | MREMAP_FIXED, ph);
 		if (away == MAP_FAILED)
 			die("mremap away");
-		step_end();
-		/* give a running checkpointer the chance to register the moved VMA (bounded) */
-		for (int i = 0; i < 200 && !registered(away); i++) {
+		/* give a running checkpointer the chance to register the moved VMA (bounded; the
+		 * full check waits meanwhile, as S is not where it looks) */
+		for (int i = 0; i < 2000 && !registered(away); i++) {
 			struct timespec ts = { 0, 1000000 };
 			nanosleep(&ts, NULL);
 		}
-		step_begin();
 		if (mmap(S, SPAGES * PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) != S)
 			die("mmap placeholder back");
 		if (mremap(away, SPAGES * PAGE, SPAGES * PAGE, MREMAP_MAYMOVE | MREMAP_FIXED, S) != S)
@@ -107,10 +103,20 @@ static void *worker(void *arg)
 			if (!page_ok(S + i * PAGE))
 				fail("moved page %zu of S at %p is inconsistent", i, (void *)(S + i * PAGE));
 		step_end();
-		/* now write B (and S) for a while */
-		for (int round = 0; round < 64; round++) {
+		/* now write B (and S) for a while: the same hot pages again and again (written
+		 * first while B is unregistered, they are the ones that keep stale bits), and a
+		 * few others; long enough for a checkpointer to register B again meanwhile */
+		for (int round = 0; round < 200; round++) {
+			struct timespec ts = { 0, 1000000 };   /* about a quarter of a second in all */
+			nanosleep(&ts, NULL);
 			step_begin();
-			for (int n = 0; n < 32; n++) {
+			for (size_t h = 0; h < HOT; h++) {
+				uint8_t *p = B + ((h * 997) % bpages) * PAGE;
+				if (!page_ok(p))
+					fail("hot page of B at %p is inconsistent", (void *)p);
+				stamp(p, counter++);
+			}
+			for (int n = 0; n < 8; n++) {
 				size_t i = rnd(&seed) % bpages;
 				uint8_t *p = B + i * PAGE;
 				if (!page_ok(p))
@@ -142,6 +148,9 @@ int main(int argc, char **argv)
 {
 	size_t mb = argc > 1 ? strtoul(argv[1], 0, 0) : 64;
 	target_init();
+	smaps_fd = open("/proc/self/smaps", O_RDONLY | O_CLOEXEC);
+	if (smaps_fd < 0)
+		die("open /proc/self/smaps");
 	bpages = mb * 256;
 	/* reserve room for B and S together, so that S can sit right after B */
 	uint8_t *res = mmap(NULL, (bpages + SPAGES) * PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);

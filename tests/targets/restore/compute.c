@@ -1,7 +1,7 @@
 /*
  * Deterministic computation over memory by T threads that meet at a mutex/condvar barrier.
  *
- *   compute THREADS STEPS EVERY MIB GATE EXIT [PAUSE_US]
+ *   compute THREADS STEPS EVERY MIB GATE EXIT [PAUSE_US [CREDIT]]
  *
  * MIB MiB of anonymous memory are split into THREADS slices. In step s, thread t rewrites
  * one word in 8 of its slice (so every page is written every step), mixing in the summary its
@@ -10,19 +10,28 @@
  * "iter S hash H" every EVERY steps, and after STEPS steps prints "done H" and exits EXIT.
  * With THREADS = 1 the main thread does all the work and the process has one thread.
  * GATE >= 0: thread 0 waits for SIGUSR2 before step GATE (see rs.h). PAUSE_US > 0: thread 0
- * sleeps that long before each step (a slower pace, same output).
+ * sleeps that long before each step (a slower pace, same output). CREDIT > 0: thread 0 starts
+ * step s only once s < (1 + SIGUSR2s taken) * CREDIT, so a test lets it advance in bounded
+ * stretches. SIGUSR1 lifts both the pace and the credit limit.
  */
 #include "rs.h"
 #include <pthread.h>
 #include <sys/mman.h>
 
 static int nthreads;
-static long steps, every, gate, pause_us;
+static long steps, every, gate, pause_us, credit;
+static volatile sig_atomic_t unlimited;
 static int exit_code;
 static uint64_t *mem;
 static size_t words_per_slice;
 static uint64_t *summary, *next_summary;
 static uint64_t result = 0x243f6a8885a308d3ULL;
+
+static void on_usr1(int sig)
+{
+	(void)sig;
+	unlimited = 1;
+}
 
 /* a barrier of a mutex and a condition variable, with a generation so it can be reused */
 static pthread_mutex_t bar_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -52,9 +61,13 @@ static void *worker(void *arg)
 	for (long s = 0; s < steps; s++) {
 		if (t == 0 && s == gate)
 			rs_gate_sleep();
-		if (t == 0 && pause_us > 0) {
+		while (t == 0 && credit > 0 && !unlimited && s >= (1 + (long)rs_usr2_count) * credit) {
+			struct timespec ts = {0, 2000000};
+			nanosleep(&ts, NULL);
+		}
+		if (t == 0 && pause_us > 0 && !unlimited) {
 			struct timespec ts = {pause_us / 1000000, (pause_us % 1000000) * 1000};
-			while (nanosleep(&ts, &ts) && errno == EINTR)
+			while (nanosleep(&ts, &ts) && errno == EINTR && !unlimited)
 				;
 		}
 		uint64_t nbr = summary[(t + nthreads - 1) % nthreads];
@@ -82,8 +95,8 @@ static void *worker(void *arg)
 
 int main(int argc, char **argv)
 {
-	if (argc != 7 && argc != 8) {
-		fprintf(stderr, "usage: compute THREADS STEPS EVERY MIB GATE EXIT [PAUSE_US]\n");
+	if (argc < 7 || argc > 9) {
+		fprintf(stderr, "usage: compute THREADS STEPS EVERY MIB GATE EXIT [PAUSE_US [CREDIT]]\n");
 		return 2;
 	}
 	nthreads = atoi(argv[1]);
@@ -93,7 +106,13 @@ int main(int argc, char **argv)
 	gate = atol(argv[5]);
 	exit_code = atoi(argv[6]);
 	pause_us = argc > 7 ? atol(argv[7]) : 0;
+	credit = argc > 8 ? atol(argv[8]) : 0;
 	rs_init();
+	struct sigaction sa;
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_usr1;
+	sa.sa_flags = SA_RESTART;
+	sigaction(SIGUSR1, &sa, NULL);
 	mem = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (mem == MAP_FAILED)
 		rs_die("mmap");

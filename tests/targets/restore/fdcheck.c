@@ -5,9 +5,11 @@
  *
  * Opens: DIR/append.log O_WRONLY|O_APPEND|O_CREAT (and writes a line), DIR/data.bin O_RDONLY|
  * O_CLOEXEC read up to offset 1234, a dup() of it (same open file description), DIR/data.bin
- * O_RDWR at offset 3000, /dev/null O_RDWR, DIR itself O_DIRECTORY|O_CLOEXEC, and a pipe
- * (read end O_NONBLOCK, write end FD_CLOEXEC) holding 5000 unread bytes. It records every fd's
- * F_GETFL, F_GETFD and offset, prints "ready PID" and "fds A R D W N DIR PR PW" (the numbers),
+ * O_RDWR at offset 3000, /dev/null O_RDWR, DIR itself O_DIRECTORY|O_CLOEXEC, a pipe (read end
+ * O_NONBLOCK, write end FD_CLOEXEC) holding 5000 unread bytes, and a pipe grown to 1 MiB
+ * (F_SETPIPE_SZ) holding 200000 unread bytes, more than a pipe of the default size can hold.
+ * It records every fd's F_GETFL, F_GETFD and offset, prints "ready PID" and
+ * "fds A R D W N DIR PR PW BR BW" (the numbers),
  * then waits for signals (blocked, taken with sigwaitinfo):
  *   SIGUSR1  check everything but the sharing of the dup; print "ok N" or "BAD <what>; ..."
  *   SIGUSR2  check that the dup still shares its offset with the original; "ok shared" or "BAD ..."
@@ -19,9 +21,11 @@
 
 #define NFD 7
 #define PIPE_BYTES 5000
+#define BIG_PIPE_BYTES 200000
+#define BIG_PIPE_SIZE (1 << 20)
 enum { A, R, D, W, N, DIRFD, PR };   /* PW is kept apart: the write end */
 
-static int fd[NFD], pw;
+static int fd[NFD], pw, big[2];
 static int fl[NFD], fdfl[NFD], pw_fl, pw_fdfl;
 static off_t pos[NFD];
 static struct stat dir_st;
@@ -127,6 +131,22 @@ static void check_all(void)
 		}
 	if (got > 0 && write(pw, buf, (size_t)got) != got)
 		badf("pipe refill", (long)errno, 0);
+	/* the big pipe: its capacity and every byte it held */
+	if (fcntl(big[0], F_GETPIPE_SZ) != BIG_PIPE_SIZE)
+		badf("big pipe F_GETPIPE_SZ", fcntl(big[0], F_GETPIPE_SZ), BIG_PIPE_SIZE);
+	static unsigned char bbuf[BIG_PIPE_SIZE];
+	got = 0;
+	while ((n = read(big[0], bbuf + got, sizeof(bbuf) - (size_t)got)) > 0)
+		got += n;
+	if (got != BIG_PIPE_BYTES)
+		badf("big pipe bytes", (long)got, BIG_PIPE_BYTES);
+	for (ssize_t k = 0; k < got && k < BIG_PIPE_BYTES; k++)
+		if (bbuf[k] != pat(k * 5)) {
+			badf("big pipe byte", (long)k, bbuf[k]);
+			break;
+		}
+	if (got > 0 && write(big[1], bbuf, (size_t)got) != got)
+		badf("big pipe refill", (long)errno, 0);
 	checks++;
 	if (bad[0])
 		printf("BAD %s\n", bad);
@@ -199,8 +219,16 @@ int main(int argc, char **argv)
 		buf[k] = pat(k * 13);
 	if (write(pw, buf, PIPE_BYTES) != PIPE_BYTES)
 		rs_die("write pipe");
+	if (pipe2(big, O_NONBLOCK) || fcntl(big[1], F_SETPIPE_SZ, BIG_PIPE_SIZE) != BIG_PIPE_SIZE)
+		rs_die("big pipe");
+	static unsigned char bbuf[BIG_PIPE_BYTES];
+	for (int k = 0; k < BIG_PIPE_BYTES; k++)
+		bbuf[k] = pat(k * 5);
+	if (write(big[1], bbuf, BIG_PIPE_BYTES) != BIG_PIPE_BYTES)
+		rs_die("write big pipe");
 	record();
-	printf("fds %d %d %d %d %d %d %d %d\n", fd[A], fd[R], fd[D], fd[W], fd[N], fd[DIRFD], fd[PR], pw);
+	printf("fds %d %d %d %d %d %d %d %d %d %d\n", fd[A], fd[R], fd[D], fd[W], fd[N], fd[DIRFD], fd[PR], pw,
+	       big[0], big[1]);
 	for (;;) {
 		int sig = sigwaitinfo(&set, NULL);
 		if (sig < 0) {

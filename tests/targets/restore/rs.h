@@ -22,11 +22,13 @@
 #include <unistd.h>
 
 static volatile sig_atomic_t rs_go;
+static volatile sig_atomic_t rs_usr2_count;   /* SIGUSR2s taken (they coalesce while pending) */
 
 static void rs_on_usr2(int sig)
 {
 	(void)sig;
 	rs_go = 1;
+	rs_usr2_count++;
 }
 
 static void rs_on_crash(int sig)
