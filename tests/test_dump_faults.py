@@ -169,20 +169,23 @@ def test_ckpt_interrupted_mid_dump(spawn, start_ckpt, tmp_path, sig):
 
 
 # ------------------------------------------------------------------ layout changes: must succeed
-@pytest.mark.parametrize("name,args", [
-    ("forker", (256,)),
-    ("remapper", (256,)),
-    ("madviser", (256, 2)),
-], ids=["fork", "mremap-mmap", "madvise"])
-def test_layout_changes_during_the_dump(spawn, start_ckpt, tmp_path, name, args):
+@pytest.mark.parametrize("name,args,mode", [
+    ("forker", (256,), "async"),
+    ("remapper", (256,), "async"),
+    ("madviser", (256, 2), "async"),
+    ("remapper", (256,), "sync"),
+    ("madviser", (256, 2), "sync"),
+    ("remapper", (256,), "stop-the-world"),
+], ids=["fork", "mremap-mmap", "madvise", "mremap-mmap-sync", "madvise-sync", "mremap-mmap-stop-the-world"])
+def test_layout_changes_during_the_dump(spawn, start_ckpt, tmp_path, name, args, mode):
     """The target forks / moves and maps memory / drops it while ckpt streams and scans; it
     answers its self-check while armed (it runs on under the dump), and the dump succeeds,
     verified."""
     t = spawn(name, *args)
     before = t.assert_ok()
     out = _outdir(tmp_path)
-    p = start_ckpt("dump", t.pid, "-o", out / "image", "--leave-running", "--verify", "--json")
-    if wait_armed(t, ckpt_proc=p) and p.poll() is None:
+    p = start_ckpt("dump", t.pid, "-o", out / "image", "--leave-running", "--verify", "--json", "--mode", mode)
+    if mode != "stop-the-world" and wait_armed(t, ckpt_proc=p) and p.poll() is None:
         t.assert_ok()          # answered while the dump was under way
     so, se = p.communicate(timeout=300)
     assert p.returncode == 0, se

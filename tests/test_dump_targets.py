@@ -64,7 +64,8 @@ def test_dump_twice_in_a_row(spawn, tmp_path):
         before = t.assert_progress(before)
 
 
-def test_mapping_moved_back_next_to_its_origin(spawn, tmp_path):
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_mapping_moved_back_next_to_its_origin(spawn, tmp_path, mode):
     """The mergeback target moves a small mapping away and, once ckpt has registered it, back
     next to the big mapping it came from: the kernel merges them and drops the registration
     of the whole merged VMA while its pages keep their write-protect bits. ckpt registers it
@@ -74,7 +75,7 @@ def test_mapping_moved_back_next_to_its_origin(spawn, tmp_path):
     t = spawn("mergeback", 32)
     for i in range(3):
         img = tmp_path / ("image%d" % i)
-        rc, so, se = run_ckpt("dump", t.pid, "-o", img, "--leave-running", "--verify", "--json")
+        rc, so, se = run_ckpt("dump", t.pid, "-o", img, "--leave-running", "--verify", "--json", "--mode", mode)
         assert rc == 0, "dump %d: %s" % (i, se)
         assert dump_json(so)["verified"] is True
     target_clean(t, tmp_path, ["image0", "image1", "image2"])

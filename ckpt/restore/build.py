@@ -230,8 +230,7 @@ class Builder:
         cur = procfs.read_maps(self.pid)
         r.insn = find_syscall_insn(self.pid, cur)
         # should ckpt die while building (SIGKILL, crash), the half-built process dies with it
-        # instead of lingering stopped or half-restored with the image's PID; cleared at release
-        r.call(sysno.prctl, PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0, what="prctl(PR_SET_PDEATHSIG)")
+        # (PR_SET_PDEATHSIG, set by ck_spawn_stopped in the child itself; cleared at release)
         # the child inherited ckpt's rseq registration: drop it before its area goes away
         conf = r.main.get_rseq()
         if conf:
