@@ -2,7 +2,7 @@
 side, then kill it, restore it and check it.
 
 Steps (each a method of Demo, run in this order by run_demo):
-  build       compile the writer target (tests/targets/writer.c, or the copy embedded below)
+  build       compile the writer target (ckpt/data/writer.c, which tests/targets/writer.c links to)
   start       run it: THREADS threads stamping pages of a SIZE buffer at RATE pages/s each;
               every page is stamped once before it prints "ready PID"
   dump_live   a live dump with --verify --leave-running: the image is compared, page by page,
@@ -34,129 +34,9 @@ DEMO_RATE = 50000
 
 
 def _writer_source_path():
-    """tests/targets/writer.c of the checkout this package lives in, if it is there."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    p = os.path.join(os.path.dirname(here), "tests", "targets", "writer.c")
-    return p if os.path.isfile(p) else None
+    """The writer target's C source, shipped with the package (tests/targets/writer.c links to it)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "writer.c")
 
-
-# A copy of tests/targets/writer.c, used when the package runs without its source tree.
-WRITER_C = r'''/*
- * Test target: THREADS threads stamp pages of a SIZE_MB buffer with counters, as fast as they
- * can or at RATE pages per second per thread. Each page holds its own address and a counter, so
- * the target can check itself: on SIGUSR1 it verifies every page it owns and prints "ok N" or
- * "BAD addr" on stdout.
- *
- * usage: writer SIZE_MB THREADS RATE(0 = flat out)
- */
-#define _GNU_SOURCE
-#include <pthread.h>
-#include <signal.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/mman.h>
-#include <time.h>
-#include <unistd.h>
-
-#define PAGE 4096
-static uint8_t *buf;
-static size_t npages;
-static int nthreads;
-static long rate;
-static volatile sig_atomic_t check_req;
-static pthread_rwlock_t park = PTHREAD_RWLOCK_INITIALIZER;
-
-struct page_hdr { uint64_t addr; uint64_t counter; uint64_t owner; uint64_t sum; };
-
-static void stamp(size_t i, uint64_t owner, uint64_t counter)
-{
-	struct page_hdr *h = (struct page_hdr *)(buf + i * PAGE);
-	/* fill the page with a pattern derived from counter, header last-but-consistent */
-	uint64_t *w = (uint64_t *)(buf + i * PAGE);
-	for (size_t k = 4; k < PAGE / 8; k += 64)
-		w[k] = counter * 2654435761u + k;
-	h->addr = (uint64_t)(uintptr_t)h;
-	h->owner = owner;
-	h->counter = counter;
-	h->sum = h->addr ^ h->counter ^ h->owner;
-}
-
-static int check_page(size_t i)
-{
-	struct page_hdr *h = (struct page_hdr *)(buf + i * PAGE);
-	if (h->addr == 0 && h->counter == 0)
-		return 1; /* never stamped */
-	if (h->addr != (uint64_t)(uintptr_t)h || h->sum != (h->addr ^ h->counter ^ h->owner))
-		return 0;
-	uint64_t *w = (uint64_t *)(buf + i * PAGE);
-	for (size_t k = 4; k < PAGE / 8; k += 64)
-		if (w[k] != h->counter * 2654435761u + k)
-			return 0;
-	return 1;
-}
-
-static void *worker(void *arg)
-{
-	uint64_t id = (uint64_t)(uintptr_t)arg;
-	uint64_t counter = 1;
-	unsigned seed = (unsigned)id * 7919u + 1;
-	size_t per = npages / nthreads, base = per * id;
-	struct timespec ts = { 0, 0 };
-	long batch = rate > 1000 ? rate / 1000 : 1;
-	for (;;) {
-		pthread_rwlock_rdlock(&park);
-		for (long b = 0; b < batch; b++) {
-			size_t i = base + (size_t)(rand_r(&seed) % per);
-			stamp(i, id, counter++);
-		}
-		pthread_rwlock_unlock(&park);
-		if (rate) {
-			ts.tv_nsec = rate > 1000 ? 1000000 : 1000000000L / rate;
-			nanosleep(&ts, NULL);
-		}
-	}
-	return NULL;
-}
-
-static void on_usr1(int s) { (void)s; check_req = 1; }
-
-int main(int argc, char **argv)
-{
-	size_t mb = argc > 1 ? strtoul(argv[1], 0, 0) : 64;
-	nthreads = argc > 2 ? atoi(argv[2]) : 1;
-	rate = argc > 3 ? atol(argv[3]) : 0;
-	npages = mb * 256;
-	buf = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (buf == MAP_FAILED) { perror("mmap"); return 1; }
-	for (size_t i = 0; i < npages; i++)
-		stamp(i, i * nthreads / npages, 0);
-	signal(SIGUSR1, on_usr1);
-	pthread_t th[256];
-	for (int t = 0; t < nthreads; t++)
-		pthread_create(&th[t], NULL, worker, (void *)(uintptr_t)t);
-	printf("ready %d\n", getpid());
-	fflush(stdout);
-	for (;;) {
-		pause();
-		if (check_req) {
-			check_req = 0;
-			pthread_rwlock_wrlock(&park);
-			size_t bad = 0, first = 0;
-			for (size_t i = 0; i < npages; i++)
-				if (!check_page(i) && !bad++)
-					first = i;
-			if (bad)
-				printf("BAD %zu pages, first %p\n", bad, (void *)(buf + first * PAGE));
-			else
-				printf("ok %zu\n", npages);
-			fflush(stdout);
-			pthread_rwlock_unlock(&park);
-		}
-	}
-}
-'''
 
 
 class _Target:
@@ -262,10 +142,6 @@ class Demo:
             raise CkptError("the demo needs a C compiler (cc or gcc) to build its target")
         self.build_dir = tempfile.mkdtemp(prefix="ckpt-demo-build-")
         src = _writer_source_path()
-        if src is None:
-            src = os.path.join(self.build_dir, "writer.c")
-            with open(src, "w") as f:
-                f.write(WRITER_C)
         self.exe = os.path.join(self.build_dir, "writer")
         p = subprocess.run([cc, "-O2", "-pthread", "-o", self.exe, src], stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT)

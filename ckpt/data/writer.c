@@ -1,0 +1,124 @@
+/*
+ * Test target: THREADS threads stamp pages of a SIZE_MB buffer with counters, as fast as they
+ * can or at RATE pages per second per thread. Each page holds its own address and a counter, so
+ * the target can check itself: on SIGUSR1 it verifies every page it owns and prints "ok N" or
+ * "BAD addr" on stdout.
+ *
+ * usage: writer SIZE_MB THREADS RATE(0 = flat out)
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PAGE 4096
+static uint8_t *buf;
+static size_t npages;
+static int nthreads;
+static long rate;
+static pthread_rwlock_t park = PTHREAD_RWLOCK_INITIALIZER;
+
+struct page_hdr { uint64_t addr; uint64_t counter; uint64_t owner; uint64_t sum; };
+
+static void stamp(size_t i, uint64_t owner, uint64_t counter)
+{
+	struct page_hdr *h = (struct page_hdr *)(buf + i * PAGE);
+	/* fill the page with a pattern derived from counter, header last-but-consistent */
+	uint64_t *w = (uint64_t *)(buf + i * PAGE);
+	for (size_t k = 4; k < PAGE / 8; k += 64)
+		w[k] = counter * 2654435761u + k;
+	h->addr = (uint64_t)(uintptr_t)h;
+	h->owner = owner;
+	h->counter = counter;
+	h->sum = h->addr ^ h->counter ^ h->owner;
+}
+
+static int check_page(size_t i)
+{
+	struct page_hdr *h = (struct page_hdr *)(buf + i * PAGE);
+	if (h->addr == 0 && h->counter == 0)
+		return 1; /* never stamped */
+	if (h->addr != (uint64_t)(uintptr_t)h || h->sum != (h->addr ^ h->counter ^ h->owner))
+		return 0;
+	uint64_t *w = (uint64_t *)(buf + i * PAGE);
+	for (size_t k = 4; k < PAGE / 8; k += 64)
+		if (w[k] != h->counter * 2654435761u + k)
+			return 0;
+	return 1;
+}
+
+static void *worker(void *arg)
+{
+	uint64_t id = (uint64_t)(uintptr_t)arg;
+	uint64_t counter = 1;
+	unsigned seed = (unsigned)id * 7919u + 1;
+	size_t per = npages / nthreads, base = per * id;
+	struct timespec ts = { 0, 0 };
+	long batch = rate > 1000 ? rate / 1000 : 1;
+	for (;;) {
+		pthread_rwlock_rdlock(&park);
+		for (long b = 0; b < batch; b++) {
+			size_t i = base + (size_t)(rand_r(&seed) % per);
+			stamp(i, id, counter++);
+		}
+		pthread_rwlock_unlock(&park);
+		if (rate) {
+			long ns = rate > 1000 ? 1000000 : 1000000000L / rate;
+			ts.tv_sec = ns / 1000000000L;
+			ts.tv_nsec = ns % 1000000000L;
+			nanosleep(&ts, NULL);
+		}
+	}
+	return NULL;
+}
+
+
+int main(int argc, char **argv)
+{
+	size_t mb = argc > 1 ? strtoul(argv[1], 0, 0) : 64;
+	nthreads = argc > 2 ? atoi(argv[2]) : 1;
+	rate = argc > 3 ? atol(argv[3]) : 0;
+	/* SIGUSR1 is taken by the main thread alone, with sigwait(): blocked before any thread
+	 * exists, so that no worker can swallow it */
+	sigset_t usr1;
+	sigemptyset(&usr1);
+	sigaddset(&usr1, SIGUSR1);
+	pthread_sigmask(SIG_BLOCK, &usr1, NULL);
+	/* the check must not starve behind workers that keep taking the read lock */
+	pthread_rwlockattr_t ra;
+	pthread_rwlockattr_init(&ra);
+	pthread_rwlockattr_setkind_np(&ra, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+	pthread_rwlock_init(&park, &ra);
+	npages = mb * 256;
+	buf = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (buf == MAP_FAILED) { perror("mmap"); return 1; }
+	for (size_t i = 0; i < npages; i++)
+		stamp(i, i * nthreads / npages, 0);
+	pthread_t th[256];
+	for (int t = 0; t < nthreads; t++)
+		pthread_create(&th[t], NULL, worker, (void *)(uintptr_t)t);
+	printf("ready %d\n", getpid());
+	fflush(stdout);
+	for (;;) {
+		int sig = 0;
+		if (sigwait(&usr1, &sig) == 0 && sig == SIGUSR1) {
+			pthread_rwlock_wrlock(&park);
+			size_t bad = 0, first = 0;
+			for (size_t i = 0; i < npages; i++)
+				if (!check_page(i) && !bad++)
+					first = i;
+			if (bad)
+				printf("BAD %zu pages, first %p\n", bad, (void *)(buf + first * PAGE));
+			else
+				printf("ok %zu\n", npages);
+			fflush(stdout);
+			pthread_rwlock_unlock(&park);
+		}
+	}
+}
