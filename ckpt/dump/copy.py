@@ -4,7 +4,6 @@ import bisect
 import errno
 
 from ckpt.errors import TargetGone
-from ckpt.image import format as fmt
 from ckpt.kernel import pagemap
 from ckpt.kernel.memio import MemIO, zero_pages
 from ckpt.kernel.native import PAGE_SIZE
@@ -53,7 +52,8 @@ def content_runs(pm, vmas):
     return runs + whole
 
 
-def _merge(ranges):
+def merge_ranges(ranges):
+    """(start, end) ranges merged where they touch or overlap: sorted [start, end] lists."""
     out = []
     for s, e in sorted(ranges):
         if out and s <= out[-1][1]:
@@ -73,18 +73,17 @@ class Copier:
         self.view = memoryview(self.buf)
         self.unreadable_pages = 0
         self.spare = []          # touched buffers for the frozen phase (prepare_sink)
-        self._held = []          # merged [start, end) of the page records written so far
-        self._held_upto = 0      # how much of the writer's index _held accounts for
+        self._held = []          # merged [start, end) of the pages written so far
+        self._held_upto = 0      # how much of the writer's page_ranges _held accounts for
 
     def held(self):
-        """The address ranges the image holds page records for (merged, sorted)."""
-        index = self.writer.index
-        if self._held_upto < len(index):
-            new = [(a, a + n * PAGE_SIZE) for _, a, n, t, _ in index[self._held_upto:]
-                   if n and t in (fmt.PAGES, fmt.ZERO)]
-            self._held_upto = len(index)
-            if new:
-                self._held = _merge([tuple(r) for r in self._held] + new)
+        """The address ranges the image holds pages for, in any kind of record (PAGES, ZERO,
+        SCATTER), merged and sorted."""
+        ranges = self.writer.page_ranges
+        if self._held_upto < len(ranges):
+            new = ranges[self._held_upto:]
+            self._held_upto = len(ranges)
+            self._held = merge_ranges([tuple(r) for r in self._held] + new)
         return self._held
 
     def stale(self, vmas, runs):
@@ -100,7 +99,7 @@ class Copier:
         if not held:
             return [], []
         starts = [h[0] for h in held]
-        copied = _merge((a, a + n) for a, n in runs)
+        copied = merge_ranges((a, a + n) for a, n in runs)
         cstarts = [c[0] for c in copied]
         zero, reread = [], []
         for v in vmas:

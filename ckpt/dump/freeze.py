@@ -88,17 +88,8 @@ def steal_uffd(pid, maps, flags):
             raise OSError(-fd, "pidfd_getfd: %s" % os.strerror(-fd))
         return fd
     finally:
-        if t is not None and t.stopped:
-            t.detach()
-        elif t is not None:
-            # seized but never stopped (interrupt failed): detach needs a stop; the exit path
-            # of the thread or tracer exit releases it
-            try:
-                t.interrupt()
-                if t.wait_stop():
-                    t.detach()
-            except (PtraceError, OSError):
-                pass
+        if t is not None:
+            t.release()
         os.close(pidfd)
 
 
@@ -156,16 +147,7 @@ class Freezer:
     def thaw(self):
         """Release every thread (passing on signals the stops took). Idempotent."""
         for t in self.threads.values():
-            if t.stopped:
-                t.detach()
-            else:
-                # seized but not stopped: detaching needs a stop first
-                try:
-                    t.interrupt()
-                    if t.wait_stop():
-                        t.detach()
-                except (PtraceError, OSError):
-                    pass
+            t.release()
         self.threads.clear()
         if self.t_release is None:
             self.t_release = time.perf_counter()

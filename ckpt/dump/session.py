@@ -54,12 +54,7 @@ class _Coverage:
     """Ranges registered with the uffd, to tell which current mappings are tracked."""
 
     def __init__(self, registered):
-        merged = []
-        for s, e in sorted(registered):
-            if merged and s <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], e)
-            else:
-                merged.append([s, e])
+        merged = copymod.merge_ranges(registered)
         self.starts = [s for s, _ in merged]
         self.merged = merged
 

@@ -19,7 +19,7 @@ import os
 
 from ckpt.errors import KernelFeatureError
 from ckpt.kernel import pagemap
-from ckpt.kernel.native import PAGE_SIZE, check, ffi, lib
+from ckpt.kernel.native import PAGE_SIZE, ffi, lib
 from ckpt.kernel.uffd import ASYNC_FEATURES, SYNC_FEATURES, Uffd
 
 

@@ -7,22 +7,13 @@ pages) must hold exactly what the page holds now.
 import bisect
 import os
 
+from ckpt.dump.copy import merge_ranges
 from ckpt.errors import VerifyError
 from ckpt.kernel import pagemap, procfs
 from ckpt.kernel.memio import MemIO, first_diff_page
 from ckpt.kernel.native import PAGE_SIZE
 
 CHUNK = 8 << 20
-
-
-def _merge(runs):
-    out = []
-    for s, e in sorted(runs):
-        if out and s <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], e)
-        else:
-            out.append([s, e])
-    return out
 
 
 class _Expected:
@@ -86,7 +77,7 @@ def verify_frozen(pid, maps, reader):
                 present = [(s, e) for s, e, _ in pm.scan([(vma.start, vma.end)],
                                                          anyof=pagemap.PRESENT | pagemap.SWAPPED,
                                                          ret_mask=pagemap.PRESENT)]
-                runs = _merge(present + exp.image_runs(vma.start, vma.end))
+                runs = merge_ranges(present + exp.image_runs(vma.start, vma.end))
             else:
                 runs = [[vma.start, vma.end]]
             file_fd = None

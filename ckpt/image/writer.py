@@ -29,6 +29,7 @@ class ImageWriter:
         self.offset = 0
         self.chain = 0
         self.index = []
+        self.page_ranges = []    # (start, end) of every page the PAGES, ZERO and SCATTER records hold
         self.bytes_raw = 0       # page bytes handed in
         self.bytes_payload = 0   # page bytes written after compression
         self.closed = False
@@ -71,11 +72,13 @@ class ImageWriter:
         self._record(fmt.ROUND, json.dumps(info).encode())
 
     def add_zero(self, addr, npages):
+        self.page_ranges.append((addr, addr + npages * PAGE_SIZE))
         self._record(fmt.ZERO, b"", addr, npages)
 
     def add_pages(self, addr, data):
         """data: bytes-like holding whole pages starting at addr."""
         npages = len(data) // PAGE_SIZE
+        self.page_ranges.append((addr, addr + npages * PAGE_SIZE))
         self.bytes_raw += len(data)
         if self.comp == fmt.LZ4:
             packed = lz4.frame.compress(data, compression_level=0, store_size=True,
@@ -90,6 +93,7 @@ class ImageWriter:
     def add_scatter(self, runs, data):
         """Scattered (addr, length) runs whose pages lie back to back in data: one record."""
         table = fmt.SCATTER_HEAD.pack(len(runs), 0) + b"".join(fmt.SCATTER_RUN.pack(a, n) for a, n in runs)
+        self.page_ranges.extend((a, a + n) for a, n in runs)
         self.bytes_raw += len(data)
         comp, body = fmt.NONE, data
         if self.comp == fmt.LZ4:

@@ -1,6 +1,5 @@
 """What this kernel offers, probed once (the `ckpt check` of DESIGN section 6)."""
 import ctypes
-import errno
 import os
 import platform
 

@@ -6,7 +6,7 @@ kept to round 0, which runs while the target runs.
 """
 import os
 
-from ckpt.kernel.native import PAGE_SIZE, check, ffi, lib, u64_array
+from ckpt.kernel.native import PAGE_SIZE, ffi, lib, u64_array
 
 WPALLOWED = lib.PAGE_IS_WPALLOWED
 WRITTEN = lib.PAGE_IS_WRITTEN

@@ -116,6 +116,18 @@ class Tracee:
                 raise
         self.stopped = False
 
+    def release(self):
+        """Detach whatever state the thread is in: a seized thread that was never stopped needs
+        a stop before it can be detached. Best effort: a thread gone meanwhile is released."""
+        try:
+            if not self.stopped:
+                self.interrupt()
+                if not self.wait_stop():
+                    return
+            self.detach()
+        except (PtraceError, OSError):
+            pass
+
     def cont(self, sig=0):
         _call(pt.PTRACE_CONT, self.tid, 0, sig)
         self.stopped = False
