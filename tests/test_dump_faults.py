@@ -174,9 +174,9 @@ def test_ckpt_interrupted_mid_dump(spawn, start_ckpt, tmp_path, sig):
     ("remapper", (256,), "async"),
     ("madviser", (256, 2), "async"),
     ("remapper", (256,), "sync"),
-    ("madviser", (256, 2), "sync"),
+    ("madviser", (256, 2), "stop-the-world"),
     ("remapper", (256,), "stop-the-world"),
-], ids=["fork", "mremap-mmap", "madvise", "mremap-mmap-sync", "madvise-sync", "mremap-mmap-stop-the-world"])
+], ids=["fork", "mremap-mmap", "madvise", "mremap-mmap-sync", "madvise-stop-the-world", "mremap-mmap-stop-the-world"])
 def test_layout_changes_during_the_dump(spawn, start_ckpt, tmp_path, name, args, mode):
     """The target forks / moves and maps memory / drops it while ckpt streams and scans; it
     answers its self-check while armed (it runs on under the dump), and the dump succeeds,
@@ -192,3 +192,21 @@ def test_layout_changes_during_the_dump(spawn, start_ckpt, tmp_path, name, args,
     assert dump_json(so)["verified"] is True
     target_clean(t, out, ["image"])
     t.assert_progress(before)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "BUG (open): sync mode sees write faults only; a page dropped with MADV_DONTNEED loses "
+    "its write-protection (anonymous memory keeps no marker), so the writes that refill it "
+    "never fault and the image keeps its old content"))
+def test_madvise_dontneed_during_a_sync_dump(spawn, tmp_path):
+    """Up to five verified sync-mode dumps of the madviser; all must succeed (each one catches
+    the bug on its own nearly always, so five passing would mean it is fixed)."""
+    t = spawn("madviser", 256, 2)
+    for i in range(5):
+        rc, so, se = run_ckpt("dump", t.pid, "-o", tmp_path / ("image%d" % i), "--leave-running", "--verify",
+                              "--mode", "sync")
+        try:
+            target_clean(t)      # whatever the outcome, the target is left as it was
+        except AssertionError as e:
+            raise RuntimeError("target not left clean: %s" % e) from None   # not the expected failure
+        assert rc == 0, se

@@ -53,6 +53,9 @@ def _seize(pid, tid):
         if e.errno == errno.ESRCH:
             return None
         if e.errno == errno.EPERM:
+            # a process that has exited (a zombie, not yet reaped) refuses to be traced too
+            if procfs.proc_state(pid) in ("Z", "X"):
+                raise TargetGone("process %d exited during the dump" % pid) from None
             raise TargetError("not allowed to trace process %d (ptrace: EPERM); run ckpt as its owner or root, "
                               "or check kernel.yama.ptrace_scope" % pid) from None
         raise

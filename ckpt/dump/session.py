@@ -276,6 +276,14 @@ class Dump:
         # mapping (see Copier.stale): zero pages, or the file's content copied again
         stale_zero, reread = self.copier.stale(full + untracked, whole)
         runs = runs + whole + reread
+        if self.mode == "sync":
+            # sync mode sees write faults only: a page dropped meanwhile (MADV_DONTNEED) reads
+            # as zero (or as its file) now and never faulted. The pages the image holds that
+            # are absent now: zero pages, or the file's content copied again
+            present = copymod.content_runs(self.copier_pm(), tracked)
+            dropped_zero, dropped_file = self.copier.stale(tracked, present + runs)
+            stale_zero += dropped_zero
+            runs += dropped_file
         mark("final_scan")
         final = []
         # stop-the-world copies everything while frozen anyway: straight into the image
