@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from conftest import AS_NOBODY, BIN, CKPT_TIMEOUT, NOBODY, TARGETS  # noqa: F401
+from conftest import AS_NOBODY, BIN, CKPT_TIMEOUT, NOBODY, TARGETS, proc_status, proc_tids  # noqa: F401
 
 SRC = TARGETS / "restore"
 WAIT = 120          # generous bound for anything to happen
@@ -118,18 +118,8 @@ def start_time(pid):
         return int(f.read().rsplit(")", 1)[1].split()[19])
 
 
-def status(pid, tid=None):
-    path = "/proc/%d/task/%d/status" % (pid, tid) if tid else "/proc/%d/status" % pid
-    out = {}
-    with open(path) as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            out[k] = v.strip()
-    return out
-
-
-def tids(pid):
-    return sorted(int(t) for t in os.listdir("/proc/%d/task" % pid))
+status = proc_status   # the same /proc readers as the dump tests
+tids = proc_tids
 
 
 def fdinfo(pid, fd):
