@@ -31,7 +31,7 @@ from ckpt.kernel.uffd import USER_MODE_ONLY
 from ckpt.state.inject import Injector
 from ckpt.state.files import dump_fds, refuse_untrackable
 from ckpt.state.process import dump_process, exe_identity
-from ckpt.state.threads import dump_thread
+from ckpt.state.threads import dump_threads
 
 TRACKABLE = ("anon", "file-private")
 MODES = ("auto", "async", "sync", "stop-the-world")
@@ -256,7 +256,7 @@ class Dump:
         # state first: the injected calls borrow (and give back) scratch bytes on thread stacks
         injector = Injector(self.pid, self.insn)
         try:
-            thread_state = [dump_thread(t, injector) for t in threads.values()]
+            thread_state = dump_threads(list(threads.values()), injector)
             process_state = dump_process(self.pid, self.freezer.leader, injector)
         finally:
             injector.close()

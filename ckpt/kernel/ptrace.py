@@ -178,36 +178,11 @@ class Tracee:
         return self.inject_many(syscall_insn, [(nr, args)])[0]
 
     def inject_many(self, syscall_insn, calls):
-        """Run syscalls [(nr, args), ...] in this stopped thread at a `syscall` instruction;
-        return their results.
+        """Run syscalls [(nr, args), ...] in this stopped thread; see inject_parallel."""
+        return inject_parallel(syscall_insn, [(self, calls)])[0]
 
-        Registers and signal mask are restored afterwards, so an interrupted system call of
-        the thread restarts as if nothing happened (orig_rax = -1 during the injection keeps
-        the kernel's restart logic away from our fake rip). Signals are blocked meanwhile.
-        """
-        saved = self.get_regs()
-        saved_mask = self.get_sigmask()
-        results = []
-        self.set_sigmask(0xFFFFFFFFFFFFFFFF)
-        try:
-            for nr, args in calls:
-                regs = user_regs_struct()
-                ctypes.pointer(regs)[0] = saved
-                regs.rip = syscall_insn
-                regs.rax = nr
-                regs.orig_rax = 0xFFFFFFFFFFFFFFFF
-                for name, val in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
-                    setattr(regs, name, val & 0xFFFFFFFFFFFFFFFF)
-                self.set_regs(regs)
-                self._step()
-                results.append(to_signed(self.get_regs().rax))
-        finally:
-            self.set_regs(saved)
-            self.set_sigmask(saved_mask)
-        return results
-
-    def _step(self):
-        _call(pt.PTRACE_SINGLESTEP, self.tid, 0, 0)
+    def _wait_step(self):
+        """Wait for the single-step trap; other signals arriving meanwhile are kept for later."""
         while True:
             _, st = os.waitpid(self.tid, WALL)
             if os.WIFEXITED(st) or os.WIFSIGNALED(st):
@@ -215,9 +190,55 @@ class Tracee:
             if os.WIFSTOPPED(st) and (st >> 16) == 0:
                 if os.WSTOPSIG(st) == signal.SIGTRAP:
                     return
-                # another signal arrived meanwhile: keep it for later, keep stepping
                 self.pending_signal = os.WSTOPSIG(st)
             _call(pt.PTRACE_SINGLESTEP, self.tid, 0, 0)
+
+
+def _syscall_regs(saved, syscall_insn, nr, args):
+    regs = user_regs_struct()
+    ctypes.pointer(regs)[0] = saved
+    regs.rip = syscall_insn
+    regs.rax = nr
+    regs.orig_rax = 0xFFFFFFFFFFFFFFFF
+    for name, val in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
+        setattr(regs, name, val & 0xFFFFFFFFFFFFFFFF)
+    return regs
+
+
+def inject_parallel(syscall_insn, jobs):
+    """Run each job's syscalls [(nr, args), ...] in its stopped thread (jobs: [(tracee, calls)]),
+    at a `syscall` instruction; return the results per job.
+
+    All threads are single-stepped before any is waited for, so the scheduling latency of each
+    step (most of its ~45 us) overlaps across threads. Registers and signal mask are restored
+    afterwards, so an interrupted system call restarts as if nothing happened (orig_rax = -1
+    during the injection keeps the kernel's restart logic away from our fake rip); signals are
+    blocked meanwhile.
+    """
+    states = []
+    try:
+        for t, calls in jobs:
+            saved, mask = t.get_regs(), t.get_sigmask()
+            states.append((t, list(calls), saved, mask, []))
+            t.set_sigmask(0xFFFFFFFFFFFFFFFF)
+        pending = [st for st in states if st[1]]
+        while pending:
+            for t, calls, saved, _, res in pending:
+                nr, args = calls[len(res)]
+                t.set_regs(_syscall_regs(saved, syscall_insn, nr, args))
+                _call(pt.PTRACE_SINGLESTEP, t.tid, 0, 0)
+            for t, _, _, _, res in pending:
+                t._wait_step()
+                res.append(to_signed(t.get_regs().rax))
+            pending = [st for st in pending if len(st[4]) < len(st[1])]
+    finally:
+        for t, _, saved, mask, _ in states:
+            try:
+                t.set_regs(saved)
+                t.set_sigmask(mask)
+            except (PtraceError, OSError):
+                pass   # the thread is gone; nothing to give back
+    return [st[4] for st in states]
 
 
 def fixup_restart(regs_dict):

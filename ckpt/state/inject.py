@@ -30,34 +30,49 @@ class Injector:
             self.mem.close()
 
     def run(self, tracee, calls):
-        """Run [(nr, args)] in one stopped thread. An Out(size) among args is replaced by a
-        scratch address; returns [(result, bytes of that Out or None)]."""
-        need = sum(a.size for _, args in calls for a in args if isinstance(a, Out))
-        assert need <= SCRATCH, "scratch area too small"
-        if not need:
-            return [(r, None) for r in tracee.inject_many(self.insn, calls)]
-        scratch = (tracee.get_regs().rsp - RED_ZONE - SCRATCH) & ~0xF
-        saved = bytearray(SCRATCH)
-        self._io(self.mem.read_runs, scratch, saved)
+        """Run [(nr, args)] in one stopped thread; see run_all."""
+        return self.run_all([(tracee, calls)])[0]
+
+    def run_all(self, jobs):
+        """Run [(nr, args)] in each of several stopped threads (jobs: [(tracee, calls)]), all at
+        once. An Out(size) among args is replaced by an address in that thread's scratch area;
+        returns per job [(result, bytes of that Out or None)]."""
+        from ckpt.kernel.ptrace import inject_parallel
+        prepared, scratches = [], []
         try:
-            placed, slots, off = [], [], 0
-            for nr, args in calls:
-                real, slot = [], None
-                for a in args:
-                    if isinstance(a, Out):
-                        slot = (off, a.size)
-                        real.append(scratch + off)
-                        off += a.size
-                    else:
-                        real.append(a)
-                placed.append((nr, real))
-                slots.append(slot)
-            results = tracee.inject_many(self.insn, placed)
-            out = bytearray(SCRATCH)
-            self._io(self.mem.read_runs, scratch, out)
+            for tracee, calls in jobs:
+                need = sum(a.size for _, args in calls for a in args if isinstance(a, Out))
+                assert need <= SCRATCH, "scratch area too small"
+                scratch = saved = None
+                if need:
+                    scratch = (tracee.get_regs().rsp - RED_ZONE - SCRATCH) & ~0xF
+                    saved = bytearray(SCRATCH)
+                    self._io(self.mem.read_runs, scratch, saved)
+                    scratches.append((scratch, saved))
+                placed, slots, off = [], [], 0
+                for nr, args in calls:
+                    real, slot = [], None
+                    for a in args:
+                        if isinstance(a, Out):
+                            slot = (off, a.size)
+                            real.append(scratch + off)
+                            off += a.size
+                        else:
+                            real.append(a)
+                    placed.append((nr, real))
+                    slots.append(slot)
+                prepared.append((tracee, placed, slots, scratch))
+            results = inject_parallel(self.insn, [(t, placed) for t, placed, _, _ in prepared])
+            out = []
+            for (tracee, _, slots, scratch), res in zip(prepared, results):
+                data = bytearray(SCRATCH)
+                if scratch is not None:
+                    self._io(self.mem.read_runs, scratch, data)
+                out.append([(r, bytes(data[s[0]:s[0] + s[1]]) if s else None) for r, s in zip(res, slots)])
+            return out
         finally:
-            self._io(self.mem.write_runs, scratch, saved)
-        return [(r, bytes(out[s[0]:s[0] + s[1]]) if s else None) for r, s in zip(results, slots)]
+            for scratch, saved in scratches:
+                self._io(self.mem.write_runs, scratch, saved)
 
     @staticmethod
     def _io(op, addr, buf):

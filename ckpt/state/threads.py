@@ -23,28 +23,33 @@ def _comm(tid):
         return None
 
 
-def dump_thread(tracee, injector):
-    t = tracee
-    d = {
-        "tid": t.tid,
-        "regs": regs_to_dict(t.get_regs()),
-        "xstate": base64.b64encode(t.get_xstate()).decode(),
-        "sigmask": t.get_sigmask(),
-        "rseq": t.get_rseq(),
-        "signals": [base64.b64encode(s).decode() for s in peek_siginfo(t.tid)],
-        "stop_signal": t.pending_signal,   # taken off the queue by a signal-delivery-stop
-        "comm": _comm(t.tid),
-    }
-    head, length = ffi.new("uint64_t *"), ffi.new("uint64_t *")
-    if lib.ck_get_robust_list(t.tid, head, length) == 0:
-        d["robust_list"] = {"head": head[0], "len": length[0]}
-    (r1, tidaddr), (r2, alt) = injector.run(t, [(SYS_prctl, (PR_GET_TID_ADDRESS, Out(8))),
-                                                (SYS_sigaltstack, (0, Out(24)))])
-    d["tid_address"] = u64(tidaddr) if r1 == 0 else None
-    if r2 == 0:
-        sp, flags, _, size = struct.unpack_from("<QiiQ", alt)
-        d["altstack"] = {"sp": sp, "flags": flags, "size": size}
-    return d
+def dump_threads(tracees, injector):
+    """State of every stopped thread. The two per-thread injected calls (clear-child-tid address,
+    alternate signal stack) run in all threads at once."""
+    out = []
+    for t in tracees:
+        d = {
+            "tid": t.tid,
+            "regs": regs_to_dict(t.get_regs()),
+            "xstate": base64.b64encode(t.get_xstate()).decode(),
+            "sigmask": t.get_sigmask(),
+            "rseq": t.get_rseq(),
+            "signals": [base64.b64encode(s).decode() for s in peek_siginfo(t.tid)],
+            "stop_signal": t.pending_signal,   # taken off the queue by a signal-delivery-stop
+            "comm": _comm(t.tid),
+        }
+        head, length = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        if lib.ck_get_robust_list(t.tid, head, length) == 0:
+            d["robust_list"] = {"head": head[0], "len": length[0]}
+        out.append(d)
+    calls = [(SYS_prctl, (PR_GET_TID_ADDRESS, Out(8))), (SYS_sigaltstack, (0, Out(24)))]
+    results = injector.run_all([(t, calls) for t in tracees])
+    for d, ((r1, tidaddr), (r2, alt)) in zip(out, results):
+        d["tid_address"] = u64(tidaddr) if r1 == 0 else None
+        if r2 == 0:
+            sp, flags, _, size = struct.unpack_from("<QiiQ", alt)
+            d["altstack"] = {"sp": sp, "flags": flags, "size": size}
+    return out
 
 
 # ---------------------------------------------------------------------------- restore half
