@@ -14,6 +14,7 @@ import fcntl
 import os
 import stat
 import struct
+import termios
 
 from ckpt.errors import RestoreError, TargetError
 from ckpt.kernel import procfs, sysno
@@ -141,8 +142,14 @@ class Pipe(FdKind):
                 size = fcntl.fcntl(src, F_GETPIPE_SZ)
             except OSError:
                 size = None
-            buf = ffi.new("uint8_t[]", PIPE_PEEK_MAX)
-            n = lib.ck_pipe_peek(src, buf, PIPE_PEEK_MAX)
+            queued = struct.unpack("i", fcntl.ioctl(src, termios.FIONREAD, b"\0\0\0\0"))[0]
+            cap = max(PIPE_PEEK_MAX, size or 0, queued)
+            buf = ffi.new("uint8_t[]", cap)
+            n = lib.ck_pipe_peek(src, buf, cap)
+            if n < 0 or n < queued:
+                # never a silently shortened pipe: its bytes are part of the process's state
+                raise TargetError("process %d: fd %d: could copy only %s of the %d bytes buffered in its pipe%s"
+                                  % (pid, fd, max(n, 0), queued, (" (%s)" % os.strerror(-n)) if n < 0 else ""))
             return (bytes(ffi.buffer(buf, n)) if n > 0 else b""), size
         finally:
             os.close(src)
