@@ -309,27 +309,25 @@ class Dump:
                                           "verified": self.opts.verify,
                                           "unreadable_pages": self.copier.unreadable_pages})
 
+        # resume first when nothing more must be checked while frozen; a killed target dies only
+        # once its image is safely in place
+        early = self.opts.leave_running and not self.opts.verify
+        if early:
+            self._release()
+        write_tail()
+        self.writer.finish()
         verified = False
         if self.opts.verify:
-            write_tail()
-            self.writer.finish()
             with ImageReader(self.writer.tmp_path) as reader:
                 self.result["pages_verified"] = verify_frozen(self.pid, maps, reader)
             verified = True
+        if not early:
             self._check()
-            self._release_and_commit()
-        else:
             if self.opts.leave_running:
                 self._release()
-                write_tail()
-                self.writer.finish()
-                self._commit()
-            else:
-                write_tail()
-                self.writer.finish()
-                self._check()
-                self._commit()
-                self._release()
+        self.writer.commit()
+        if not self.opts.leave_running:
+            self._release()
         self.result.update({
             "pid": self.pid, "mode": self.mode, "image": os.path.abspath(self.opts.output),
             "freeze_ms": round(self.freezer.freeze_ms, 3),
@@ -353,17 +351,6 @@ class Dump:
         if not hasattr(self, "_pm"):
             self._pm = pagemap.Pagemap(self.pid)
         return self._pm
-
-    def _release_and_commit(self):
-        if self.opts.leave_running:
-            self._release()
-            self._commit()
-        else:
-            self._commit()
-            self._release()
-
-    def _commit(self):
-        self.writer.commit()
 
     def _release(self):
         """End the freeze: resume the target (protection lifted, uffd closed) or kill it."""

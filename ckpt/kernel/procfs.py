@@ -158,6 +158,15 @@ def proc_state(pid):
     return stat_fields(pid)[3]
 
 
+def comm(tid):
+    """A thread's name, or None when it is gone."""
+    try:
+        with open(proc(tid, "comm")) as f:
+            return f.read().rstrip("\n")
+    except OSError:
+        return None
+
+
 def auxv(pid):
     return _read(proc(pid, "auxv"), "rb")
 

@@ -102,7 +102,7 @@ class Plan:
         for t in self.threads:
             _wait_reaped(t["tid"])
             if os.path.exists("/proc/%d" % t["tid"]):
-                owner = _comm(t["tid"])
+                owner = "%s, PID %d" % (procfs.comm(t["tid"]) or "?", t["tid"])
                 raise RestoreError("PID %d is in use (by %s); the process must get its original PID%s back"
                                    % (t["tid"], owner, "" if t["tid"] == self.pid else " and thread IDs"))
 
@@ -120,14 +120,6 @@ def _wait_reaped(pid, timeout=3.0):
         except CkptError:
             return
         time.sleep(0.01)
-
-
-def _comm(pid):
-    try:
-        with open("/proc/%d/comm" % pid) as f:
-            return "%s, PID %d" % (f.read().strip(), pid)
-    except OSError:
-        return "PID %d" % pid
 
 
 def _check_identity(path, fid, what):

@@ -6,6 +6,7 @@ Dump half: read from a thread in a ptrace-stop. Restore half: see ckpt.restore.
 import base64
 import struct
 
+from ckpt.kernel import procfs
 from ckpt.kernel.native import ffi, lib
 from ckpt.kernel.ptrace import peek_siginfo, regs_to_dict
 from ckpt.state.inject import Out, u64
@@ -13,14 +14,6 @@ from ckpt.state.inject import Out, u64
 SYS_sigaltstack = 131
 SYS_prctl = 157
 PR_GET_TID_ADDRESS = 40
-
-
-def _comm(tid):
-    try:
-        with open("/proc/%d/comm" % tid) as f:
-            return f.read().rstrip("\n")
-    except OSError:
-        return None
 
 
 def dump_threads(tracees, injector):
@@ -36,7 +29,7 @@ def dump_threads(tracees, injector):
             "rseq": t.get_rseq(),
             "signals": [base64.b64encode(s).decode() for s in peek_siginfo(t.tid)],
             "stop_signal": t.pending_signal,   # taken off the queue by a signal-delivery-stop
-            "comm": _comm(t.tid),
+            "comm": procfs.comm(t.tid),
         }
         head, length = ffi.new("uint64_t *"), ffi.new("uint64_t *")
         if lib.ck_get_robust_list(t.tid, head, length) == 0:
