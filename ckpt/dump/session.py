@@ -11,6 +11,7 @@
   finish   trailer, rename; then kill the target, or lift all protection and resume it
 """
 import bisect
+import errno
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from ckpt.dump import copy as copymod
 from ckpt.dump.freeze import O_CLOEXEC, O_NONBLOCK, Freezer, check_target, steal_uffd
 from ckpt.dump.tracker import AsyncTracker, NoTracker, SyncTracker
 from ckpt.dump.verify import verify_frozen
-from ckpt.errors import CkptError, DumpInterrupted, KernelFeatureError, TargetError
+from ckpt.errors import CkptError, DumpInterrupted, KernelFeatureError, TargetError, TargetGone
 from ckpt.image.reader import ImageReader
 from ckpt.image.writer import ImageWriter
 from ckpt.kernel import features, pagemap, procfs
@@ -158,6 +159,8 @@ class Dump:
         except BaseException as e:
             self._abandon()
             if isinstance(e, OSError) and not isinstance(e, CkptError):
+                if e.errno == errno.ESRCH:
+                    raise TargetGone("process %d exited during the dump" % self.pid) from None
                 raise CkptError("dump of process %d failed: %s" % (self.pid, _os_message(e))) from e
             raise
         finally:
