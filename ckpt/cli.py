@@ -104,12 +104,14 @@ def dump(pid, output, leave_running, max_pause, rounds, mode, verify, compress, 
 @click.argument("image", type=click.Path())
 @click.option("--pidfile", type=click.Path(dir_okay=False), help="write the restored PID here")
 @click.option("--foreground", is_flag=True, help="stay the parent, wait, and exit with the process's status")
+@click.option("--tcp-close", is_flag=True,
+              help="restore established TCP connections closed (the peer sees a reset) instead of live")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object with the results")
-def restore(image, pidfile, foreground, as_json):
+def restore(image, pidfile, foreground, tcp_close, as_json):
     """Bring a dumped process back: same PID and thread IDs, same memory, all threads."""
     from ckpt.restore.build import RestoreOptions
     from ckpt.restore.build import restore as do_restore
-    opts = RestoreOptions(pidfile=pidfile, foreground=foreground,
+    opts = RestoreOptions(pidfile=pidfile, foreground=foreground, tcp_close=tcp_close,
                           warn=lambda m: click.echo("ckpt: warning: %s" % m, err=True))
     try:
         res = do_restore(image, opts)
@@ -168,6 +170,22 @@ def info(image, as_json):
     click.echo("  fds:")
     for f in d["fds"]:
         click.echo("    %3d %-10s %s" % (f["fd"], f["kind"], f.get("path", "")))
+
+
+@main.command()
+@click.argument("pid", type=int, required=False)
+def unlock(pid):
+    """Lift the network lock that holds a dumped process's TCP connections (all of ckpt's locks
+    without PID): for when the process will not be restored."""
+    from ckpt.kernel import netlock
+    try:
+        lifted = netlock.lift_locks(pid)
+    except CkptError as e:
+        _fail(e)
+    for name in lifted:
+        click.echo("lifted %s" % name)
+    if not lifted:
+        click.echo("no network lock held%s" % ("" if pid is None else " for process %d" % pid))
 
 
 @main.command()

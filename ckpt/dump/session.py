@@ -22,6 +22,7 @@ from ckpt.dump import copy as copymod
 from ckpt.dump.freeze import O_CLOEXEC, O_NONBLOCK, Freezer, check_target, steal_uffd
 from ckpt.dump.tracker import AsyncTracker, NoTracker, SyncTracker
 from ckpt.dump.verify import verify_frozen
+from ckpt import files
 from ckpt.errors import CkptError, DumpInterrupted, KernelFeatureError, TargetError, TargetGone
 from ckpt.image.reader import ImageReader
 from ckpt.image.writer import ImageWriter
@@ -30,7 +31,6 @@ from ckpt.kernel.native import PAGE_SIZE
 from ckpt.kernel.ptrace import find_syscall_insn
 from ckpt.kernel.uffd import USER_MODE_ONLY
 from ckpt.state.inject import Injector
-from ckpt.state.files import dump_fds, refuse_untrackable
 from ckpt.state.process import dump_process, exe_identity
 from ckpt.state.threads import dump_threads
 
@@ -76,6 +76,8 @@ class Dump:
         self.rounds = []          # per round: {"round", "pages", "ms"}
         self._suspect = []        # registered, but protecting them failed: arm again or copy whole
         self.mode = None
+        self.fdctx = files.FreezeContext(pid, opts.leave_running)
+        self.described = None
         self.t0 = time.perf_counter()
         self.result = {}
 
@@ -133,8 +135,10 @@ class Dump:
     # ------------------------------------------------------------------ phases
     def run(self):
         maps = check_target(self.pid)
-        refuse_untrackable(self.pid, maps)
-        dump_fds(self.pid, peek=False)   # an fd restore could not rebuild fails the dump up front
+        files.refuse_untrackable(self.pid, maps)
+        # every fd described while the target runs; one restore could not rebuild fails the
+        # dump up front
+        self.described = files.check(self.pid)
         self.mode = self._choose_mode()
         out_dir = os.path.dirname(os.path.abspath(self.opts.output))
         try:
@@ -267,7 +271,7 @@ class Dump:
         finally:
             injector.close()
         process_state["exe_file"] = exe_identity(self.pid)
-        fds = dump_fds(self.pid)
+        fds = files.capture(self.pid, self.fdctx, self.described)
         mark("state")
         maps = procfs.read_maps(self.pid, with_identity=True)
         mark("maps")
@@ -307,6 +311,8 @@ class Dump:
             self.writer.add_meta("threads", thread_state)
             self.writer.add_meta("mappings", [v.to_json() for v in maps])
             self.writer.add_meta("fds", fds)
+            for name, value in self.fdctx.meta.items():
+                self.writer.add_meta(name, value)
             self.writer.add_meta("dump", {"mode": self.mode, "rounds": self.rounds, "pid": self.pid,
                                           "leave_running": self.opts.leave_running,
                                           "verified": self.opts.verify,
@@ -358,9 +364,11 @@ class Dump:
     def _release(self):
         """End the freeze: resume the target (protection lifted, uffd closed) or kill it."""
         if self.opts.leave_running:
+            self.fdctx.resuming()
             self.freezer.thaw()
         else:
             self.freezer.kill()
+        self.fdctx.close()
         tr, self.tracker = self.tracker, None
         if tr is not None:
             tr.disarm()
@@ -370,7 +378,10 @@ class Dump:
     def _abandon(self):
         """Failure or interruption: the target goes on exactly as before, no image is left."""
         try:
-            self.freezer.thaw()
+            try:
+                self.fdctx.failed()
+            finally:
+                self.freezer.thaw()
         finally:
             try:
                 if self.tracker is not None:

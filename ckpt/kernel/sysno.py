@@ -8,3 +8,7 @@ capset, rt_sigqueueinfo, sigaltstack, prctl = 126, 129, 131, 157
 set_tid_address, set_robust_list, openat, pipe2 = 218, 273, 257, 293
 rt_tgsigqueueinfo, memfd_create, userfaultfd, rseq = 297, 319, 323, 334
 clone3, close_range = 435, 436
+socket, connect, sendto, recvfrom, sendmsg, recvmsg = 41, 42, 44, 45, 46, 47
+bind, listen, setsockopt, getsockopt, ioctl = 49, 50, 54, 55, 16
+epoll_ctl, epoll_create1, eventfd2, timerfd_create, timerfd_settime = 233, 291, 290, 283, 286
+signalfd4, pidfd_open, pidfd_getfd = 289, 434, 438

@@ -26,7 +26,8 @@ from ckpt.kernel.native import PAGE_SIZE, lib
 from ckpt.kernel.ptrace import _call
 from ckpt.kernel.ptrace import find_syscall_insn
 from ckpt.restore.remote import SCRATCH_SIZE, Remote
-from ckpt.state import files, process, threads
+from ckpt import files
+from ckpt.state import process, threads
 
 PROT = {"r": 1, "w": 2, "x": 4}
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
@@ -45,6 +46,7 @@ WRITE_CHUNK = 8 << 20
 class RestoreOptions:
     pidfile: Optional[str] = None
     foreground: bool = False
+    tcp_close: bool = False     # established TCP connections come back closed (the peer sees a reset)
     warn: Callable = print
 
 
@@ -68,8 +70,10 @@ class Plan:
             self.threads = m["threads"]
             self.maps = m["mappings"]
             self.fds = m["fds"]
+            self.metas = m
             self.pid = self.proc["pid"]
             self._check_files()
+            files.precheck(self.fds)
             self._check_pids()
         except BaseException:
             self.reader.close()
@@ -380,7 +384,7 @@ class Builder:
         r.many([(sysno.close, (fd,)) for fd in self.opened_fds + ([exe_fd] if exe_fd >= 0 else [])], what="close")
         process.restore_process(r, p)
         process.restore_rlimits(self.pid, p, self.opts.warn)
-        files.restore_fds(r, self.plan.fds)
+        files.restore_fds(r, self.plan.fds, self.opts)
 
     def _threads(self):
         r = self.remote
@@ -436,7 +440,15 @@ def _deleted(m):
 def restore(path, opts):
     plan = Plan(path)
     try:
-        res = Builder(plan, opts).run()
+        try:
+            res = Builder(plan, opts).run()
+        except BaseException:
+            try:
+                files.restored(plan.metas, ok=False)
+            except Exception as e:      # the restore's own error is the one to report
+                opts.warn("ckpt: warning: after the failed restore: %s" % e)
+            raise
+        files.restored(plan.metas, ok=True)
     finally:
         plan.close()
     if opts.pidfile:

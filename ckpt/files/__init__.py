@@ -1,0 +1,213 @@
+"""The fd table: one module per kind of fd, each with its dump half and its restore half
+(see base.FdKind). Adding a kind means one module and one line in KINDS.
+
+Dump: `check` describes every fd before the dump starts and refuses, naming the fd and its
+kind, what restore could not rebuild; `capture` runs in the frozen phase, reuses those
+descriptions for fds that did not change, and reads what changes by itself (queued bytes,
+counters, sequence numbers).
+
+Restore creates every object at a high fd number first, then dup2()s each onto its number and
+sets its flags and position, so objects never clobber each other's numbers; then each kind
+finishes what needs every fd in place (epoll sets, sockets going live).
+
+Standard streams (0, 1, 2) that were a terminal, a pipe or a socket leading out of the process
+are attached to ckpt's own, the way `criu --shell-job` treats a shell job.
+"""
+import ctypes
+import os
+
+from ckpt.errors import TargetError
+from ckpt.files.base import (AT_FDCWD, F_SETFD, F_SETFL, O_ACCMODE, O_CLOEXEC, FdKind, FreezeContext,  # noqa: F401
+                             OpenFd, Table, _run_all)
+from ckpt.files.pipe import Pipe
+from ckpt.files.regular import CharDevice, Directory, RegularFile
+from ckpt.files.unsupported import AnonInode, Memfd, OtherSocket
+from ckpt.kernel import procfs, sysno
+
+# first match wins: specific kinds before the catch-alls
+KINDS = [
+    Pipe,
+    Memfd,
+    OtherSocket,
+    AnonInode,
+    RegularFile,
+    Directory,
+    CharDevice,
+]
+BY_NAME = {k.name: k for k in KINDS}
+
+
+def kind_of(f):
+    for k in KINDS:
+        if k.match(f):
+            return k
+    return FdKind
+
+
+def _stdio_inherited(fd, kind, entry):
+    return fd <= 2 and (kind.inherit_stdio or entry.get("tty"))
+
+
+SYS_kcmp, KCMP_FILE = 312, 0
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _same_open_file(pid, fd1, fd2):
+    """Whether two fds of pid are one open file description (dup, fork, SCM_RIGHTS): kcmp.
+    None when the kernel cannot tell (no kcmp)."""
+    r = _libc.syscall(SYS_kcmp, pid, pid, KCMP_FILE, fd1, fd2)
+    return None if r < 0 else r == 0
+
+
+def _mark_shared(pid, table, keys):
+    """entry["shares"] = the lowest fd whose open file description the entry's fd is too.
+    Restore then makes it a duplicate of that fd instead of making the object again, so that
+    they keep sharing offset and status flags (e.g. stdout and stderr of `cmd >log 2>&1`)."""
+    firsts = {}
+    for e in table:
+        key = keys.get(e["fd"])
+        if key is None or e.get("inherit"):
+            continue
+        for first in firsts.setdefault(key, []):
+            if _same_open_file(pid, first, e["fd"]):
+                e["shares"] = first
+                break
+        else:
+            firsts[key].append(e["fd"])
+
+
+def _open_fds(pid, ctx):
+    """OpenFd for every fd of pid (fds closed meanwhile skipped)."""
+    out = []
+    for fd in procfs.fds(pid):
+        path = procfs.proc(pid, "fd", str(fd))
+        try:
+            link = os.readlink(path)
+            info = procfs.fdinfo(pid, fd)
+        except (FileNotFoundError, TargetError):
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None
+        out.append(OpenFd(ctx, fd, link, st, info))
+    return out
+
+
+def _key(f):
+    return (f.fd, f.link, (f.st.st_dev, f.st.st_ino) if f.st is not None else None)
+
+
+def _entry(f, described):
+    kind = kind_of(f)
+    cached = described.get(_key(f)) if described else None
+    if cached is not None and cached["kind"] == kind.name:
+        entry = dict(cached)
+    else:
+        entry = {"fd": f.fd, "kind": kind.name}
+        entry.update(kind.describe(f))
+    entry["flags"] = int(f.info.get("flags", "0"), 8)
+    entry["pos"] = int(f.info.get("pos", "0"))
+    entry["inherit"] = bool(_stdio_inherited(f.fd, kind, entry))
+    if not entry["inherit"]:
+        why = kind.refuse(f, entry)
+        if why:
+            raise TargetError("process %d: fd %d is a %s (%s): %s" % (f.pid, f.fd, kind.name, f.link, why))
+    return kind, entry
+
+
+def check(pid):
+    """Before the dump, while the target runs: describe every fd, refusing (TargetError, naming
+    the fd and its kind) what restore could not rebuild. Returns the descriptions, for
+    `capture` to reuse."""
+    ctx = FreezeContext(pid)
+    try:
+        return {_key(f): _entry(f, None)[1] for f in _open_fds(pid, ctx)}
+    finally:
+        ctx.close()
+
+
+def capture(pid, ctx, described=None):
+    """In the frozen phase: the fd table, with what changes by itself read now."""
+    table, keys, opened = [], {}, []
+    for f in _open_fds(pid, ctx):
+        kind, entry = _entry(f, described)
+        if f.st is not None:
+            keys[f.fd] = (f.st.st_dev, f.st.st_ino)
+        table.append(entry)
+        opened.append((kind, f, entry))
+    _mark_shared(pid, table, keys)
+    for kind, f, entry in opened:
+        if not entry["inherit"] and "shares" not in entry:
+            kind.capture(f, entry, ctx)
+    return table
+
+
+def restore_fds(remote, table_entries, options=None):
+    """Rebuild the fd table of the restored process (a copy of ckpt: it holds ckpt's fds)."""
+    remote.call(sysno.close_range, 3, 0xFFFFFFFF, 0, what="close_range")
+    keep = {e["fd"] for e in table_entries if e.get("inherit")}
+    for std in (0, 1, 2):
+        if std not in keep:
+            remote.call(sysno.close, std, ok_errors=(9,))
+    base = max([e["fd"] for e in table_entries] + [2]) + 1
+    table = Table(remote, base, options)
+    placed = []
+    for e in table_entries:
+        if e.get("inherit"):
+            continue
+        if e.get("shares") in table.placed:
+            placed.append((e, table.placed[e["shares"]]))    # one open file: dup2 of the same object
+            continue
+        kind = BY_NAME.get(e["kind"], FdKind)
+        fd = kind.create(remote, e, table)
+        if fd < base:
+            fd = table.park(fd)
+        table.placed[e["fd"]] = fd
+        placed.append((e, fd))
+    for e, fd in placed:
+        n = e["fd"]
+        remote.call(sysno.dup2, fd, n, what="dup2 onto fd %d" % n)
+        remote.call(sysno.fcntl, n, F_SETFL, e["flags"] & ~(O_ACCMODE | O_CLOEXEC), what="fcntl(F_SETFL) of fd %d" % n)
+        remote.call(sysno.fcntl, n, F_SETFD, 1 if e["flags"] & O_CLOEXEC else 0, what="fcntl(F_SETFD) of fd %d" % n)
+        if e["kind"] == "file" and e["pos"]:
+            remote.call(sysno.lseek, n, e["pos"], 0, what="lseek of fd %d" % n)
+    for fd in set(table.parked):
+        remote.call(sysno.close, fd, ok_errors=(9,))
+    finishing = sorted((BY_NAME.get(e["kind"], FdKind).finish_order, i, e) for i, (e, _) in enumerate(placed)
+                       if "shares" not in e)
+    for _, _, e in finishing:
+        BY_NAME[e["kind"]].finish(remote, e, table)
+
+
+def precheck(table_entries):
+    """At restore, before anything is created: each kind checks that its objects can be made."""
+    for e in table_entries:
+        if not e.get("inherit") and "shares" not in e:
+            BY_NAME.get(e["kind"], FdKind).precheck(e)
+
+
+def restored(metas, ok):
+    """After the whole restore: each kind's last step (e.g. lifting the network lock)."""
+    _run_all([lambda k=k: k.restored(metas, ok) for k in KINDS])
+
+
+def refuse_untrackable(pid, maps):
+    """Kernel I/O that writes memory behind the tracker's back, and state that restore cannot
+    rebuild faithfully: refuse clearly and up front (DESIGN section 3)."""
+    for v in maps:
+        if v.path.startswith(("/[aio]", "[aio]")) or "io_uring" in v.path:
+            raise TargetError("process %d has asynchronous I/O mapped at %#x (%s): in-flight DMA cannot be "
+                              "tracked; not supported yet" % (pid, v.start, v.path))
+    for fd in procfs.fds(pid):
+        try:
+            link = os.readlink(procfs.proc(pid, "fd", str(fd)))
+        except OSError:
+            continue
+        if link == "anon_inode:[io_uring]":
+            raise TargetError("process %d has an io_uring (fd %d): its fixed buffers and in-flight I/O bypass "
+                              "write tracking; not supported yet" % (pid, fd))
+    st = procfs.status(pid)
+    if st.get("Seccomp", "0") != "0":
+        raise TargetError("process %d runs under a seccomp filter, which restore cannot rebuild; not supported yet"
+                          % pid)

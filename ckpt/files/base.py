@@ -1,0 +1,240 @@
+"""What every kind of fd shares.
+
+Dump side: an `OpenFd` is one fd of the target as ckpt sees it (its /proc link, stat, fdinfo,
+and on demand a duplicate of it in ckpt itself, taken with pidfd_getfd: the same open file, so
+getsockopt, peeks and ioctls on it act on the target's object). A `FreezeContext` holds those
+duplicates for one dump and the actions to run when the dump ends: after success (the target
+killed or resumed) or after failure (everything a kind changed on the target's objects put back).
+
+Restore side: a `Table` holds the objects created so far in the restored process, parked above
+every fd number the image uses. An object can be made in the restored process by injected
+syscalls, or made in ckpt itself with the full Python API and handed over (`Table.adopt`:
+the restored process takes it with pidfd_getfd from ckpt).
+
+A kind is one class (see FdKind) in one module of this package, listed once in KINDS
+(ckpt/files/__init__.py).
+"""
+import os
+import socket
+
+from ckpt.errors import RestoreError, TargetError
+from ckpt.kernel import sysno
+from ckpt.kernel.native import lib
+
+O_ACCMODE = 3
+O_WRONLY, O_RDWR = 1, 2
+O_CREAT, O_EXCL, O_NOCTTY, O_TRUNC = 0o100, 0o200, 0o400, 0o1000
+O_CLOEXEC = 0o2000000
+O_DIRECTORY = 0o200000
+O_NONBLOCK = 0o4000
+F_DUPFD, F_SETFD, F_SETFL = 0, 2, 4
+AT_FDCWD = -100
+_OPEN_MASK = ~(O_CREAT | O_EXCL | O_NOCTTY | O_TRUNC | O_CLOEXEC)
+
+
+class FdKind:
+    """One kind of fd: how to recognise it, its dump half and its restore half.
+
+    match(f)                    -> bool: f (an OpenFd) is of this kind
+    describe(f)                 -> dict: what does not change unless the process asks (may run
+                                   while the target runs; repeated in the freeze for fds that are new)
+    refuse(f, entry)            -> None, or why this fd cannot be dumped (checked up front)
+    capture(f, entry, ctx)      fills in what changes by itself (queues, counters, sequence
+                                   numbers); runs in the frozen phase, may register undo actions
+    precheck(entry)             at restore, before anything is created: raise RestoreError naming
+                                   what is in the way (a port or path taken, a file gone)
+    create(remote, entry, table)-> the fd number of the new object in the restored process
+    finish(remote, entry, table) after every fd is in place (epoll sets, sockets going live)
+    restored(metas, ok)         once, after the whole restore succeeded (ok) or failed
+    """
+    name = "?"
+    restorable = False
+    inherit_stdio = False   # as fd 0-2, may be replaced by ckpt's own stream
+    finish_order = 0        # finish() runs by increasing order
+
+    @staticmethod
+    def match(f):
+        return False
+
+    @classmethod
+    def describe(cls, f):
+        return {"path": f.link}
+
+    @classmethod
+    def refuse(cls, f, entry):
+        if not cls.restorable:
+            return "this kind of fd is not supported yet"
+        return None
+
+    @classmethod
+    def capture(cls, f, entry, ctx):
+        pass
+
+    @classmethod
+    def precheck(cls, entry):
+        pass
+
+    @classmethod
+    def create(cls, remote, entry, table):
+        raise RestoreError("fd %d: kind %s cannot be restored" % (entry["fd"], entry["kind"]))
+
+    @classmethod
+    def finish(cls, remote, entry, table):
+        pass
+
+    @classmethod
+    def restored(cls, metas, ok):
+        pass
+
+
+class OpenFd:
+    """One fd of the target, as the dump sees it."""
+
+    def __init__(self, ctx, fd, link, st, info):
+        self.ctx = ctx
+        self.pid = ctx.pid
+        self.fd = fd
+        self.link = link
+        self.st = st
+        self.info = info
+
+    @property
+    def inode(self):
+        return self.st.st_ino if self.st is not None else None
+
+    def dup(self):
+        """This fd duplicated into ckpt (owned by the context: do not close it)."""
+        return self.ctx.grab(self.fd)
+
+    def sock(self):
+        """The socket behind this fd, as a Python socket in ckpt (owned by the context)."""
+        return self.ctx.sock(self.fd)
+
+    def error(self, what):
+        return TargetError("process %d: fd %d (%s): %s" % (self.pid, self.fd, self.link, what))
+
+
+class FreezeContext:
+    """Per dump: duplicates of the target's fds, and what to do when the dump ends."""
+
+    def __init__(self, pid, leave_running=False):
+        self.pid = pid
+        self.leave_running = leave_running
+        self.meta = {}          # image records kinds add: name -> JSON value
+        self.memo = {}          # per-dump scratch for kinds that work on groups of fds
+        self._pidfd = None
+        self._dups = {}
+        self._socks = {}
+        self._resume = []       # before the target runs again
+        self._undo = []         # on failure
+        self.closed = False
+
+    def grab(self, fd):
+        if fd not in self._dups:
+            if self._pidfd is None:
+                r = lib.ck_pidfd_open(self.pid)
+                if r < 0:
+                    raise TargetError("process %d: pidfd_open: %s" % (self.pid, os.strerror(-r)))
+                self._pidfd = r
+            r = lib.ck_pidfd_getfd(self._pidfd, fd)
+            if r < 0:
+                raise TargetError("process %d: fd %d cannot be taken (pidfd_getfd): %s"
+                                  % (self.pid, fd, os.strerror(-r)))
+            self._dups[fd] = r
+        return self._dups[fd]
+
+    def sock(self, fd):
+        if fd not in self._socks:
+            self._socks[fd] = socket.socket(fileno=os.dup(self.grab(fd)))
+        return self._socks[fd]
+
+    def on_resume(self, fn):
+        """fn() puts back what a kind changed on the target's objects in the freeze (e.g. TCP
+        repair mode); it runs before the target's threads run again, whether the dump left it
+        running or failed. Not run when the target is killed."""
+        self._resume.append(fn)
+
+    def on_failure(self, fn):
+        """fn() undoes what a kind set up outside the target (e.g. a network lock), if the dump
+        fails."""
+        self._undo.append(fn)
+
+    def resuming(self):
+        """The target is about to run again: put back its objects (last registered first)."""
+        todo, self._resume = self._resume, []
+        _run_all(reversed(todo))
+
+    def failed(self):
+        """The dump failed: put back the target's objects and undo what was set up outside."""
+        try:
+            self.resuming()
+        finally:
+            todo, self._undo = self._undo, []
+            try:
+                _run_all(reversed(todo))
+            finally:
+                self.close()
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        for s in self._socks.values():
+            s.close()
+        for fd in self._dups.values():
+            os.close(fd)
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+        self._socks, self._dups, self._pidfd = {}, {}, None
+
+
+def _run_all(fns):
+    """Call every fn; raise the first failure once all have run."""
+    errors = []
+    for fn in fns:
+        try:
+            fn()
+        except Exception as e:
+            errors.append(e)
+    if errors:
+        raise errors[0]
+
+
+def open_remote(remote, path, flags):
+    """openat() in the restored process."""
+    remote.reset()
+    return remote.call(sysno.openat, AT_FDCWD, remote.put_str(path), flags & _OPEN_MASK, 0,
+                       what="opening %s" % path)
+
+
+class Table:
+    """Objects created so far in the restored process, parked above every target number."""
+
+    def __init__(self, remote, base, options=None):
+        self.remote = remote
+        self.options = options      # the RestoreOptions (e.g. tcp_close)
+        self.base = base
+        self.objects = {}       # kinds' shared objects (a pipe's two ends, a socket pair ...)
+        self.parked = []
+        self.placed = {}        # target fd number -> parked fd of its object, once created
+        self._ckpt_pidfd = None
+
+    def park(self, fd):
+        high = self.remote.call(sysno.fcntl, fd, F_DUPFD, self.base, what="fcntl(F_DUPFD)")
+        self.remote.call(sysno.close, fd)
+        self.parked.append(high)
+        return high
+
+    def adopt(self, local_fd, what="an fd"):
+        """Hand an object made in ckpt (local_fd, closed here) to the restored process: it takes
+        it with pidfd_getfd. Returns its (parked) fd number there."""
+        try:
+            if self._ckpt_pidfd is None:
+                self._ckpt_pidfd = self.remote.call(sysno.pidfd_open, os.getpid(), 0,
+                                                    what="pidfd_open of the restorer")
+                self.parked.append(self._ckpt_pidfd)
+            fd = self.remote.call(sysno.pidfd_getfd, self._ckpt_pidfd, local_fd, 0,
+                                  what="taking %s from the restorer (pidfd_getfd)" % what)
+        finally:
+            os.close(local_fd)
+        return self.park(fd) if fd < self.base else fd
