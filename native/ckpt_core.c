@@ -11,6 +11,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <signal.h>
@@ -18,6 +19,7 @@
 #include <sys/prctl.h>
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -310,6 +312,78 @@ int ck_spawn_stopped(int pid)
 		syscall(SYS_exit_group, 127);
 	}
 	return (int)r;
+}
+
+/* --------------------------------------------- fd table, in the freeze */
+
+/*
+ * For each fd of pid: what its /proc link says, fstat of it, and the status flags and position
+ * from its fdinfo; one call for the whole table (the freeze reads it while the target is
+ * stopped). out[i].err is 0 or the errno of the fd (ENOENT: closed meanwhile).
+ */
+static int64_t fdinfo_field(const char *buf, const char *name, int base)
+{
+	const char *p = strstr(buf, name);
+	if (!p)
+		return 0;
+	return strtoll(p + strlen(name), NULL, base);
+}
+
+int64_t ck_fd_scan(int pid, const int32_t *fds, int64_t n, struct ck_fdstat *out)
+{
+	char path[64], info[512];
+	snprintf(path, sizeof(path), "/proc/%d/fd", pid);
+	int dfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (dfd < 0)
+		return -errno;
+	snprintf(path, sizeof(path), "/proc/%d/fdinfo", pid);
+	int ifd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (ifd < 0) {
+		int e = errno;
+		close(dfd);
+		return -e;
+	}
+	for (int64_t i = 0; i < n; i++) {
+		struct ck_fdstat *o = &out[i];
+		char name[16];
+		struct stat st;
+		memset(o, 0, sizeof(*o));
+		o->fd = fds[i];
+		snprintf(name, sizeof(name), "%d", fds[i]);
+		ssize_t len = readlinkat(dfd, name, o->link, sizeof(o->link) - 1);
+		if (len < 0) {
+			o->err = errno;
+			continue;
+		}
+		o->link[len] = 0;
+		o->link_len = (int32_t)len;
+		if (fstatat(dfd, name, &st, 0) == 0) {
+			o->has_stat = 1;
+			o->mode = st.st_mode;
+			o->dev = st.st_dev;
+			o->ino = st.st_ino;
+			o->rdev = st.st_rdev;
+			o->size = st.st_size;
+			o->mtime_ns = (int64_t)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec;
+		}
+		int f = openat(ifd, name, O_RDONLY | O_CLOEXEC);
+		if (f < 0) {
+			o->err = errno;
+			continue;
+		}
+		ssize_t r = read(f, info, sizeof(info) - 1);
+		close(f);
+		if (r < 0) {
+			o->err = errno;
+			continue;
+		}
+		info[r] = 0;
+		o->pos = fdinfo_field(info, "pos:", 10);
+		o->flags = (uint32_t)fdinfo_field(info, "flags:", 8);
+	}
+	close(ifd);
+	close(dfd);
+	return n;
 }
 
 /* --------------------------------------------- sync uffd-wp tracker thread */

@@ -22,6 +22,15 @@ int ck_pidfd_open(int pid);
 int ck_pidfd_getfd(int pidfd, int fd);
 int ck_get_robust_list(int tid, uint64_t *head, uint64_t *len);
 int ck_spawn_stopped(int pid);
+
+struct ck_fdstat {
+	int32_t fd, err, has_stat, link_len;
+	uint32_t mode, flags;
+	uint64_t dev, ino, rdev;
+	int64_t size, mtime_ns, pos;
+	char link[480];
+};
+int64_t ck_fd_scan(int pid, const int32_t *fds, int64_t n, struct ck_fdstat *out);
 int64_t ck_pipe_peek(int src_fd, uint8_t *dst, int64_t cap);
 
 struct ck_tracker;

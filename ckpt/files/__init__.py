@@ -16,13 +16,14 @@ are attached to ckpt's own, the way `criu --shell-job` treats a shell job.
 import ctypes
 import os
 
-from ckpt.errors import TargetError
-from ckpt.files.base import (AT_FDCWD, F_SETFD, F_SETFL, O_ACCMODE, O_CLOEXEC, FdKind, FreezeContext,  # noqa: F401
+from ckpt.errors import TargetError, TargetGone
+from ckpt.files.base import (AT_FDCWD, FdStat, F_SETFD, F_SETFL, O_ACCMODE, O_CLOEXEC, FdKind, FreezeContext,  # noqa: F401
                              OpenFd, Table, _run_all)
 from ckpt.files.pipe import Pipe
 from ckpt.files.regular import CharDevice, Directory, RegularFile
 from ckpt.files.unsupported import AnonInode, Memfd, OtherSocket
 from ckpt.kernel import procfs, sysno
+from ckpt.kernel.native import ffi, lib
 
 # first match wins: specific kinds before the catch-alls
 KINDS = [
@@ -77,21 +78,29 @@ def _mark_shared(pid, table, keys):
 
 
 def _open_fds(pid, ctx):
-    """OpenFd for every fd of pid (fds closed meanwhile skipped)."""
-    out = []
-    for fd in procfs.fds(pid):
-        path = procfs.proc(pid, "fd", str(fd))
-        try:
-            link = os.readlink(path)
-            info = procfs.fdinfo(pid, fd)
-        except (FileNotFoundError, TargetError):
-            continue
-        try:
-            st = os.stat(path)
-        except OSError:
-            st = None
-        out.append(OpenFd(ctx, fd, link, st, info))
-    return out
+    """OpenFd for every fd of pid (fds closed meanwhile skipped): one native call reads the
+    link, fstat, flags and position of all of them."""
+    numbers = procfs.fds(pid)
+    if not numbers:
+        return []
+    out = ffi.new("struct ck_fdstat[]", len(numbers))
+    n = lib.ck_fd_scan(pid, ffi.new("int32_t[]", numbers), len(numbers), out)
+    if n < 0:
+        raise TargetGone("process %d: its fd table cannot be read (%s)" % (pid, os.strerror(-n)))
+    opened = []
+    for o in out:
+        if o.err:
+            continue    # closed meanwhile
+        if o.link_len >= ffi.sizeof(o.link) - 1:
+            try:
+                link = os.readlink(procfs.proc(pid, "fd", str(o.fd)))
+            except OSError:
+                continue
+        else:
+            link = os.fsdecode(ffi.string(o.link))
+        st = FdStat(o.mode, o.dev, o.ino, o.rdev, o.size, o.mtime_ns) if o.has_stat else None
+        opened.append(OpenFd(ctx, o.fd, link, st, o.flags, o.pos))
+    return opened
 
 
 def _key(f):
@@ -106,8 +115,8 @@ def _entry(f, described):
     else:
         entry = {"fd": f.fd, "kind": kind.name}
         entry.update(kind.describe(f))
-    entry["flags"] = int(f.info.get("flags", "0"), 8)
-    entry["pos"] = int(f.info.get("pos", "0"))
+    entry["flags"] = f.flags
+    entry["pos"] = f.pos
     entry["inherit"] = bool(_stdio_inherited(f.fd, kind, entry))
     if not entry["inherit"]:
         why = kind.refuse(f, entry)

@@ -18,7 +18,7 @@ import os
 import socket
 
 from ckpt.errors import RestoreError, TargetError
-from ckpt.kernel import sysno
+from ckpt.kernel import procfs, sysno
 from ckpt.kernel.native import lib
 
 O_ACCMODE = 3
@@ -87,16 +87,35 @@ class FdKind:
         pass
 
 
-class OpenFd:
-    """One fd of the target, as the dump sees it."""
+class FdStat:
+    """What fstat says of an fd (the fields ckpt uses)."""
+    __slots__ = ("st_mode", "st_dev", "st_ino", "st_rdev", "st_size", "st_mtime_ns")
 
-    def __init__(self, ctx, fd, link, st, info):
+    def __init__(self, mode, dev, ino, rdev, size, mtime_ns):
+        self.st_mode, self.st_dev, self.st_ino = mode, dev, ino
+        self.st_rdev, self.st_size, self.st_mtime_ns = rdev, size, mtime_ns
+
+
+class OpenFd:
+    """One fd of the target, as the dump sees it: its /proc link, fstat (None if the kernel
+    would not tell), status flags (with O_CLOEXEC) and position; its fdinfo on demand."""
+
+    def __init__(self, ctx, fd, link, st, flags, pos):
         self.ctx = ctx
         self.pid = ctx.pid
         self.fd = fd
         self.link = link
         self.st = st
-        self.info = info
+        self.flags = flags
+        self.pos = pos
+        self._info = None
+
+    @property
+    def info(self):
+        """/proc/PID/fdinfo/FD as a dict (read when first asked)."""
+        if self._info is None:
+            self._info = procfs.fdinfo(self.pid, self.fd)
+        return self._info
 
     @property
     def inode(self):
