@@ -50,6 +50,7 @@ C_TARGETS = {
     "compute": [],
     "blocker": [],
     "fdcheck": [],
+    "evfds": [],
     "fpavx": ["-frounding-math"] + FP_FLAGS,
 }
 

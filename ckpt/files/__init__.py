@@ -20,6 +20,7 @@ from ckpt.errors import TargetError, TargetGone
 from ckpt.files.base import (AT_FDCWD, FdStat, F_SETFD, F_SETFL, O_ACCMODE, O_CLOEXEC, FdKind, FreezeContext,  # noqa: F401
                              OpenFd, Table, _run_all)
 from ckpt.files.pipe import Pipe
+from ckpt.files import epoll, eventfd, signalfd, timerfd
 from ckpt.files.regular import CharDevice, Directory, RegularFile
 from ckpt.files.unsupported import AnonInode, Memfd, OtherSocket
 from ckpt.kernel import procfs, sysno
@@ -30,6 +31,7 @@ KINDS = [
     Pipe,
     Memfd,
     OtherSocket,
+    eventfd.EventFd, timerfd.TimerFd, signalfd.SignalFd, epoll.Epoll,
     AnonInode,
     RegularFile,
     Directory,
