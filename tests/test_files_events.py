@@ -67,9 +67,10 @@ def test_event_fds_come_back(procs, tmp_path):
     out, img = tmp_path / "out", tmp_path / "image"
     t0 = time.monotonic()
     p, _ = procs.start("evfds", 1, stdout=out)
+    wait_file_line(out, lambda s: s == "set up", proc=p)
     dump(p.pid, img)
     reap_killed(p)
-    assert read_lines(out) == ["ready %d" % p.pid], "the target went past its gate before the dump"
+    assert read_lines(out) == ["ready %d" % p.pid, "set up"], "the target went past its gate before the dump"
     assert _kinds(img) == KINDS, "fd kinds in the image: %s" % _kinds(img)
     timers = [e for e in image_meta(img)["fds"] if e["kind"] == "timerfd"]
     assert sorted(e["ticks"] for e in timers) == [0, 0, 0, 1, 1], timers
@@ -91,6 +92,7 @@ def test_leave_running_dumps_do_not_disturb(procs, tmp_path):
     out = tmp_path / "out"
     t0 = time.monotonic()
     p, _ = procs.start("evfds", 1, stdout=out)
+    wait_file_line(out, lambda s: s == "set up", proc=p)
     fds = proc_fds(p.pid)
     for n in range(2):
         img = tmp_path / ("image%d" % n)
@@ -115,6 +117,7 @@ def test_epoll_item_of_a_closed_fd_is_refused(procs, tmp_path, mode, why):
     t0 = time.monotonic()
     p, _ = procs.start("evfds", 1, mode, stdout=out)
     stale = wait_file_line(out, lambda s: s.startswith("stale "), proc=p)
+    wait_file_line(out, lambda s: s == "set up", proc=p)
     epfd, tfd = (int(x) for x in stale.split()[1:])
     fds = proc_fds(p.pid)
     rc, _, err = run_ckpt("dump", p.pid, "-o", img, "--verify")

@@ -136,14 +136,7 @@ class Epoll(FdKind):
             why, items = _checked(f)
             if why:
                 raise f.error(why)
-        for item in items:
-            try:
-                link = os.readlink(procfs.proc(f.pid, "fd", str(item["tfd"])))
-            except OSError:
-                link = ""
-            item["epoll"] = link == "anon_inode:[eventpoll]"
-            del item["ino"], item["sdev"]
-        entry["items"] = items
+        entry["items"] = [{"tfd": i["tfd"], "events": i["events"], "data": i["data"]} for i in items]
 
     @classmethod
     def precheck(cls, entry):
@@ -176,7 +169,7 @@ class Epoll(FdKind):
             raise RestoreError("fd %d (epoll): the image nests epoll sets in a loop (%s)"
                                % (n, " -> ".join(str(x) for x in outer + (n,))))
         for item in entry["items"]:
-            inner = sets.get(item["tfd"]) if item.get("epoll") else None
+            inner = sets.get(item["tfd"])     # an epoll set made by this restore
             if inner is not None:
                 cls._fill(remote, inner, sets, done, outer + (n,))
         items = entry["items"]

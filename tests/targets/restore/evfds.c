@@ -23,7 +23,7 @@
  *          inner, pipe-w (OUT|ET), ebig: distinct data values, some using all 64 bits
  *   ep3    epoll: ebig (IN|ONESHOT), already reported once (so disabled)
  *
- * Prints "ready PID" (in a bad MODE then "stale EPFD FD"), waits for the gate, then checks and
+ * Prints "ready PID" (in a bad MODE then "stale EPFD FD"), "set up", waits for the gate, then checks and
  * prints lines that do not depend on timing or fd numbers, except "tper remaining_ms N" (the
  * test bounds it), then "done", and exits 0.
  */
@@ -240,7 +240,8 @@ int main(int argc, char **argv)
 		rs_die("pipe");
 	fd[PR] = p[0];
 	fd[PW] = p[1];
-	if ((fd[INNER] = epoll_create1(0)) < 0 || (fd[OUTER] = epoll_create1(EPOLL_CLOEXEC)) < 0 ||
+	/* the outer set gets the lower number: restore must fill the inner one first all the same */
+	if ((fd[OUTER] = epoll_create1(EPOLL_CLOEXEC)) < 0 || (fd[INNER] = epoll_create1(0)) < 0 ||
 	    (fd[EP3] = epoll_create1(0)) < 0)
 		rs_die("epoll_create1");
 	for (int k = 0; k < 3; k++)
@@ -267,6 +268,7 @@ int main(int argc, char **argv)
 		printf("stale %d %d\n", bad, a);
 	}
 
+	printf("set up\n");
 	if (gate)
 		rs_gate_sleep();
 
