@@ -211,6 +211,6 @@ class Epoll(FdKind):
                 buf = remote.alloc(12 * len(chunk))
                 got = remote.call(sysno.epoll_wait, n, buf, len(chunk), 0,
                                   what="fd %d (epoll): epoll_wait disabling its fired oneshot items" % n)
-                if got != ready:
-                    raise RestoreError("fd %d (epoll): %d of its %d fired oneshot items could be disabled again"
-                                       % (n, got, ready))
+                if got < ready:     # one stopped being ready in between: it would stay armed
+                    raise RestoreError("fd %d (epoll): only %d of its %d fired oneshot items could be disabled "
+                                       "again" % (n, got, ready))
