@@ -139,13 +139,15 @@ class Run:
         self.adopted = []         # PIDs of restored processes
         self.locked = []          # PIDs dumped with kill whose restore has not succeeded (network lock)
         self._old_handlers = {}
+        self._closing = False
         if _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             self._old_handlers[s] = signal.signal(s, self._on_signal)
 
     def _on_signal(self, signum, frame):
-        raise KeyboardInterrupt("signal %d" % signum)
+        if not self._closing:       # a second signal must not cut the cleanup short
+            raise KeyboardInterrupt("signal %d" % signum)
 
     def __enter__(self):
         return self
@@ -265,6 +267,7 @@ class Run:
     def close(self):
         """Kill and reap everything this run started or adopted; lift a network lock left by a
         kill dump that was not restored; remove the work directory (unless keep)."""
+        self._closing = True
         for pid in self.adopted:
             kill_and_reap(pid)
         for name, p in reversed(self.popens):
@@ -275,8 +278,11 @@ class Run:
         for pid in children_of(os.getpid()):
             kill_and_reap(pid)
         for pid in self.locked:
-            subprocess.run([sys.executable, "-m", "ckpt", "unlock", str(pid)], stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/", timeout=120)
+            try:
+                subprocess.run([sys.executable, "-m", "ckpt", "unlock", str(pid)], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/", timeout=WAIT)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                log("warning: `ckpt unlock %d` failed: %s" % (pid, e))
         self.locked = []
         self.adopted = []
         self.popens = []

@@ -241,7 +241,7 @@ def run_demo(args):
         pong = held.read_response()
         checks("held connection served on the same socket",
                held._sock is held_sock and held_id2 == held_id and name2 == b"held-across-restore" and pong in (b"PONG", "PONG", True),
-               "CLIENT ID %s -> %s, name %r, PING %r" % (held_id, held_id2, name2, pong))
+               "CLIENT ID %s -> %s, name %s, PING %s" % (held_id, held_id2, _text(name2), _text(pong)))
 
         c.lpush(LIST_KEY, "hello")
         got = blocked.read_response()
