@@ -77,6 +77,11 @@ class Plan:
             self._check_pids()
         except BaseException:
             self.reader.close()
+            if getattr(self, "metas", None) is not None:
+                try:    # what the dump left held for the restore (the network lock) is let go
+                    files.restored(self.metas, ok=False)
+                except Exception:
+                    pass
             raise
 
     def _check_files(self):
