@@ -98,6 +98,10 @@ def measure(args):
                 raise DemoError("redis-benchmark stopped: %s" % run.log_tail("load"))
         if args.restore:
             run.stop(load)
+            c = srv.client()
+            wait_for(lambda: c.info("clients")["connected_clients"] <= 2, "redis-benchmark's connections to close")
+            before = c.dbsize()
+            c.close()
             img = run.path("final.img")
             k0 = time.monotonic()
             res, secs, _, _ = run.dump(srv.pid, img, tag="dump-kill")
@@ -109,9 +113,12 @@ def measure(args):
             c = srv.client()
             ok = c.dbsize()
             c.close()
+            if ok != before:
+                raise DemoError("DBSIZE %d before the kill dump, %d after the restore" % (before, ok))
             results["restore"] = {"kill_freeze_ms": res["freeze_ms"], "dump_s": secs, "restore_ms": rres["restore_ms"],
                                   "restore_s": rsecs, "gap_s": k1 - k0, "probe_max_ms": st["max_ms"],
-                                  "pages_written": rres["pages_written"], "dbsize_after": ok}
+                                  "pages_written": rres["pages_written"], "dbsize_before": before,
+                                  "dbsize_after": ok}
             log("kill + restore: dump %.2f s (freeze %.2f ms), restore %.1f ms (ckpt restore %.2f s), probe's longest "
                 "wait %s ms, DBSIZE after %d" % (secs, res["freeze_ms"], rres["restore_ms"], rsecs,
                                                  fmt(st["max_ms"], "%.0f"), ok))

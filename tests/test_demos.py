@@ -12,6 +12,7 @@ The demos make themselves child subreapers and reap what they restore; this modu
 (restored processes of a demo that died would become ours), and kills and reaps any child left
 at the end of each test.
 """
+import json
 import os
 import re
 import shutil
@@ -145,3 +146,23 @@ def test_demo_interrupted_cleans_up(reaper):
     assert p.returncode != 0, out
     assert "interrupted" in out, out
     _assert_clean(out)
+
+
+def test_server_benchmark_runs(reaper, tmp_path):
+    """benchmarks/servers.py with a small redis, one rep: it completes and reports every row
+    (what it measures is not checked: no timing assertions)."""
+    why = _have("redis-server", "redis")
+    if why:
+        pytest.skip(why)
+    out_json = tmp_path / "servers.json"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "servers.py"), "--keys", "20000",
+                        "--reps", "1", "--settle", "0.2", "--json", str(out_json)],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=ROOT, timeout=DEMO_TIMEOUT)
+    assert p.returncode == 0, "servers.py exited with %d:\n%s\n%s" % (p.returncode, p.stdout[-3000:], p.stderr[-3000:])
+    for row in ("| load only (no dump) |", "| redis BGSAVE (fork) |", "| ckpt dump --mode async (live) |",
+                "| ckpt dump --mode stop-the-world |", "Kill + restore"):
+        assert row in p.stdout, "no %r in the report:\n%s" % (row, p.stdout)
+    with open(out_json) as f:
+        res = json.load(f)["results"]
+    assert len(res["async"]) == 1 and len(res["stop-the-world"]) == 1 and len(res["bgsave"]) == 1, res
+    assert res["restore"]["dbsize_after"] == res["restore"]["dbsize_before"] >= 20000, res["restore"]
