@@ -10,7 +10,8 @@ import os
 import socket
 import threading
 
-from restore_support import WAIT, dump, image_meta, procs, reap_killed, restore, restore_ok, rs_built, subreaper  # noqa: F401
+from restore_support import (WAIT, dump, image_meta, procs, reap_killed, restore, restore_ok,  # noqa: F401
+                             rs_built, subreaper)
 from test_tcp_connections import locks, scenario  # noqa: F401
 
 EXPECTED = {"reuseaddr": "1", "rcvbuf": "400000", "sndbuf": "300000", "keepalive": "1", "keep": "33/7/4",

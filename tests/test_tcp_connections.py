@@ -13,7 +13,6 @@ once and in order, and the server must have received exactly what each client se
 import base64
 import errno
 import hashlib
-import json
 import os
 import signal
 import socket
@@ -25,7 +24,7 @@ import time
 import pytest
 
 from restore_support import (WAIT, alive, dump, image_meta, procs, reap_killed, restore, restore_ok,  # noqa: F401
-                             rs_built, run_ckpt, subreaper, wait_file_line, wait_gone, read_lines, ckpt_argv)
+                             rs_built, run_ckpt, subreaper, wait_file_line, wait_gone, read_lines)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ckpt.kernel import netlock  # noqa: E402
@@ -34,6 +33,7 @@ TOTAL = 1500000          # the server's stream to each client
 C1, C2 = 60000, 40000    # what each client sends before the dump, and after it
 TARGET = "tcpserver.py"
 TEST_TABLE = "ckpt_test_ackdrop"
+WATCH_TABLE = "ckpt_test_watch"
 RESET = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN)     # what a reset connection answers
 
 
@@ -188,6 +188,7 @@ class Scenario:
             c.close()
         self.udp.close()
         nft("delete table inet %s\n" % TEST_TABLE)
+        nft("delete table inet %s\n" % WATCH_TABLE)
 
 
 @pytest.fixture
@@ -213,8 +214,16 @@ def _tcp_entries(img):
 def test_connections_survive_dump_kill_restore(procs, scenario):
     sc = scenario()
     before = sc.opts_lines()
+    # every FIN or RST the server's side sends, counted ahead of the lock (which would drop it)
+    r = nft("add table inet %s\nadd chain inet %s out { type filter hook output priority -500; }\n"
+            "add rule inet %s out tcp sport { %d, %d } tcp flags & (fin | rst) != 0 counter\n"
+            % (WATCH_TABLE, WATCH_TABLE, WATCH_TABLE, sc.port4, sc.port6))
+    assert r.returncode == 0, r.stderr
     res = dump(sc.pid, sc.img)
     reap_killed(sc.p)
+    listed = subprocess.run(["nft", "list", "table", "inet", WATCH_TABLE], capture_output=True, text=True).stdout
+    nft("delete table inet %s\n" % WATCH_TABLE)
+    assert "packets 0 " in listed, "the killed server's sockets (closed in repair mode) sent a FIN or RST:\n" + listed
     meta = image_meta(sc.img)
     lock = meta.get("netlock")
     assert lock and lock["table"] == "ckpt_lock_%d" % sc.pid and len(lock["conns"]) == 5, lock
@@ -243,7 +252,8 @@ def test_connections_survive_dump_kill_restore(procs, scenario):
     sc.check_udp(lines)
     after = sc.opts_lines()[len(before):]
     assert after == before, "options read back differ:\n%s\n%s" % (before, after)
-    print("freeze %.3f ms, breakdown %s, lock %s ms" % (res["freeze_ms"], res.get("freeze_breakdown_ms"), lock.get("ms")))
+    print("freeze %.3f ms, breakdown %s, lock %s ms"
+          % (res["freeze_ms"], res.get("freeze_breakdown_ms"), lock.get("ms")))
 
 
 def test_leave_running_dump_takes_no_lock(procs, scenario):
@@ -337,3 +347,34 @@ def test_ckpt_unlock(procs, scenario):
     c.finish()
     c.join()
     assert isinstance(c.error, OSError) and c.error.errno in RESET, repr(c.error)
+
+
+def test_connection_closed_by_its_peer_is_refused_up_front(procs, scenario):
+    """CLOSE_WAIT (the client has closed its side, the server has not yet): refused before the
+    target is touched, naming the fd and the connection; the target goes on untouched."""
+    sc = scenario(n4=2, n6=0, ackdrop=())
+    c = sc.clients[1]
+    c.sock.shutdown(socket.SHUT_WR)
+    deadline = time.monotonic() + WAIT
+    while True:     # the server's side has seen the FIN
+        out = subprocess.run(["ss", "-Htn", "state", "close-wait", "sport", "= :%d" % sc.port4],
+                             capture_output=True, text=True).stdout
+        if ":%d" % c.port in out:
+            break
+        assert time.monotonic() < deadline, "the server's side never reached CLOSE_WAIT"
+        time.sleep(0.01)
+    rc, out, err = run_ckpt("dump", sc.pid, "-o", sc.img, "--verify")
+    assert rc != 0, out
+    msg = err.strip().splitlines()[-1]
+    assert "process %d: fd" % sc.pid in msg and "CLOSE_WAIT" in msg and "tcp" in msg, msg
+    assert alive(sc.pid) and locks(sc.pid) == [] and not sc.img.exists()
+    # untouched: the other connection goes on, and this one still gets the whole stream
+    sc.clients[0].finish()
+    c.finish(second=False)
+    lines = sc.wait_done(sc.pid)
+    assert sc.p.wait(WAIT) == 0, lines[-5:]
+    for cl in sc.clients:
+        cl.join()
+        assert cl.error is None and bytes(cl.received) == server_stream(cl.k), "client %d" % cl.k
+    assert "conn 0 got %d %s" % (C1 + C2, hashlib.sha256(sc.clients[0].data).hexdigest()) in lines
+    assert "conn 1 got %d %s" % (C1, hashlib.sha256(c.data[:C1]).hexdigest()) in lines

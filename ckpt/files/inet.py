@@ -344,7 +344,6 @@ class InetSocket(FdKind):
     """A TCP socket listening, bound or unbound (not connected); a UDP socket."""
     name = "inet"
     restorable = True
-    inherit_stdio = True
 
     @staticmethod
     def match(f):

@@ -31,6 +31,7 @@ import base64
 import ctypes
 import errno
 import fcntl
+import ipaddress
 import os
 import select
 import socket
@@ -159,7 +160,6 @@ class TcpConnection(FdKind):
     """A TCP socket that is connected (or on its way to or from it)."""
     name = "tcp"
     restorable = True
-    inherit_stdio = True
     finish_order = 10       # after the listeners and everything else is in place
 
     @staticmethod
@@ -204,8 +204,9 @@ class TcpConnection(FdKind):
     def precheck(cls, entry):
         la, lp = entry["local"]
         ra, rp = entry["peer"]
-        for st, key in _tcp_table(entry["family"]):
-            if key == (_norm(la), lp, _norm(ra), rp):
+        want = (_norm(la), lp, _norm(ra), rp)
+        for st, (a, b, c, d) in _tcp_table(entry["family"]):
+            if (_norm(a), b, _norm(c), d) == want:
                 raise RestoreError("fd %d: TCP connection %s already exists (state %s): close it first"
                                    % (entry["fd"], _conn_name(entry), st))
 
@@ -280,7 +281,8 @@ def _send_all(s, data, what, repair):
             pass
         left = deadline - time.monotonic()
         if left <= 0 or repair:
-            raise OSError(errno.ENOBUFS, "only %d of the %d bytes of its %s could be put back" % (done, len(data), what))
+            raise OSError(errno.ENOBUFS, "only %d of the %d bytes of its %s could be put back"
+                          % (done, len(data), what))
         select.select([], [s], [], min(left, 0.1))
 
 
@@ -357,7 +359,7 @@ def _closed(s):
 
 
 def _norm(host):
-    return host.split("%", 1)[0]
+    return ipaddress.ip_address(host.split("%", 1)[0])
 
 
 def _tcp_table(family):

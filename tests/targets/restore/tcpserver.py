@@ -18,7 +18,8 @@ After the gate: "opts ..." again, the queued datagrams ("udp PORT PAYLOAD", each
 of its stream (blocking), shutdown(SHUT_WR), everything the client sends until EOF:
 "conn K got N SHA256" (or "conn K error ERRNO-NAME"); "done".
 LATE 1: then one more connection accepted on each listener ("late4 K" / "late6 K": the
-client's "hello K" line), answered "welcome K". BALLAST_MB: memory held (and touched) so that a --verify dump stays frozen for a while.
+client's "hello K" line), answered "welcome K". BALLAST_MB: memory held (and touched) so
+that a --verify dump stays frozen for a while.
 """
 import errno
 import hashlib
