@@ -362,6 +362,8 @@ class InetSocket(FdKind):
         if proto == "udp":
             e["peer"] = peer_of(s)
         if state == LISTEN:
+            from ckpt.files import tcp
+            tcp._warm_up()
             info = tcp_info(s)
             e["backlog"] = struct.unpack_from("I", info, 28)[0]     # tcpi_sacked: the backlog
         return e

@@ -127,6 +127,15 @@ def lock_process(ctx):
     return record
 
 
+def _warm_up():
+    """libnftables loaded and its context made now, while the target runs, not in the freeze
+    (an error is reported by the lock itself, if a lock is needed)."""
+    try:
+        netlock.prepare()
+    except netlock.LockError:
+        pass
+
+
 # ------------------------------------------------------------------------------ dump
 def dump_state(s):
     """Everything of an established connection, read in repair mode (the caller turned it on)."""
@@ -171,6 +180,7 @@ class TcpConnection(FdKind):
     def describe(cls, f):
         family, _, state = inet.inet_info(f)
         s = f.sock()
+        _warm_up()
         return {"path": f.link, "inode": f.inode, "family": family, "proto": "tcp",
                 "state": inet.TCP_STATES.get(state, str(state)).lower(),
                 "local": inet.addr(s.getsockname()), "peer": inet.addr(s.getpeername()),
@@ -189,13 +199,16 @@ class TcpConnection(FdKind):
         why = _state_problem(entry["state"])
         if why:
             raise f.error("TCP connection %s: %s" % (_conn_name(entry), why))
-        reuse = s.getsockopt(socket.SOL_SOCKET, SO_REUSEADDR)
-        peek_off = s.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
-        s.setsockopt(SOL_TCP, TCP_REPAIR, REPAIR_ON)
-        ctx.on_resume(lambda: _repair_off(s, reuse, peek_off))
-        if peek_off >= 0:
-            s.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, -1)
         try:
+            reuse = s.getsockopt(socket.SOL_SOCKET, SO_REUSEADDR)
+            peek_off = s.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
+            s.setsockopt(SOL_TCP, TCP_REPAIR, REPAIR_ON)
+        except OSError as e:
+            raise f.error("TCP connection %s: TCP repair mode: %s" % (_conn_name(entry), e.strerror or e))
+        ctx.on_resume(lambda: _repair_off(s, reuse, peek_off))
+        try:
+            if peek_off >= 0:
+                s.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, -1)
             entry["repair"] = dump_state(s)
         except OSError as e:
             raise f.error("TCP connection %s: reading it in repair mode: %s" % (_conn_name(entry), e.strerror or e))
