@@ -218,8 +218,8 @@ class TcpConnection(FdKind):
         la, lp = entry["local"]
         ra, rp = entry["peer"]
         want = (_norm(la), lp, _norm(ra), rp)
-        for st, (a, b, c, d) in _tcp_table(entry["family"]):
-            if (_norm(a), b, _norm(c), d) == want:
+        for st, key in _tcp_table(entry["family"]):
+            if key == want:
                 raise RestoreError("fd %d: TCP connection %s already exists (state %s): close it first"
                                    % (entry["fd"], _conn_name(entry), st))
 
@@ -375,9 +375,21 @@ def _norm(host):
     return ipaddress.ip_address(host.split("%", 1)[0])
 
 
-def _tcp_table(family):
+_TABLE_CACHE = {}
+
+
+def _tcp_table(family, max_age=1.0):
     """(state, (local addr, port, remote addr, port)) of every TCP socket of this network
-    namespace of the family, from /proc/net/tcp[6]."""
+    namespace of the family, from /proc/net/tcp[6] (read once for all the connections of one
+    restore's checks)."""
+    now = time.monotonic()
+    cached = _TABLE_CACHE.get(family)
+    if cached is None or now - cached[0] > max_age:
+        cached = _TABLE_CACHE[family] = (now, _read_tcp_table(family))
+    return cached[1]
+
+
+def _read_tcp_table(family):
     path = "/proc/net/tcp" if family == 4 else "/proc/net/tcp6"
     out = []
     try:
@@ -389,7 +401,7 @@ def _tcp_table(family):
                 if st in ("LISTEN", "CLOSE"):
                     continue
                 (la, lp), (ra, rp) = (_hexaddr(x, family) for x in (p[1], p[2]))
-                out.append((st, (la, lp, ra, rp)))
+                out.append((st, (_norm(la), lp, _norm(ra), rp)))
     except OSError:
         pass
     return out
