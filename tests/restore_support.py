@@ -51,6 +51,7 @@ C_TARGETS = {
     "blocker": [],
     "fdcheck": [],
     "evfds": [],
+    "unixfds": [],
     "fpavx": ["-frounding-math"] + FP_FLAGS,
 }
 

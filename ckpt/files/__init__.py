@@ -21,6 +21,7 @@ from ckpt.errors import TargetError, TargetGone
 from ckpt.files.base import (AT_FDCWD, FdStat, F_SETFD, F_SETFL, O_ACCMODE, O_CLOEXEC, FdKind, FreezeContext,  # noqa: F401
                              OpenFd, Table, _run_all)
 from ckpt.files.pipe import Pipe
+from ckpt.files.unix import UnixSocket
 from ckpt.files import inet, tcp
 from ckpt.files import epoll, eventfd, signalfd, timerfd
 from ckpt.files.regular import CharDevice, Directory, RegularFile
@@ -32,6 +33,7 @@ from ckpt.kernel.native import ffi, lib
 KINDS = [
     Pipe,
     Memfd,
+    UnixSocket,
     inet.InetSocket, tcp.TcpConnection,
     OtherSocket,
     eventfd.EventFd, timerfd.TimerFd, signalfd.SignalFd, epoll.Epoll,
@@ -178,6 +180,7 @@ def restore_fds(remote, table_entries, options=None):
             remote.call(sysno.close, std, ok_errors=(9,))
     base = max([e["fd"] for e in table_entries] + [2]) + 1
     table = Table(remote, base, options)
+    table.entries = table_entries
     placed = []
     for e in table_entries:
         if e.get("inherit"):

@@ -234,6 +234,7 @@ class Table:
         self.options = options      # the RestoreOptions (e.g. tcp_close)
         self.base = base
         self.objects = {}       # kinds' shared objects (a pipe's two ends, a socket pair ...)
+        self.entries = []       # every entry of the image's fd table (for kinds that make groups)
         self.parked = []
         self.placed = {}        # target fd number -> parked fd of its object, once created
         self._ckpt_pidfd = None
