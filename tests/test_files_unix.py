@@ -11,10 +11,10 @@ import socket
 import stat
 import subprocess
 
-from restore_support import (WAIT, LineReader, alive, image_meta, procs, reap_killed, restore, rs_built,  # noqa: F401
+from restore_support import (WAIT, LineReader, alive, exe, image_meta, procs, reap_killed, restore, rs_built,  # noqa: F401
                              run_ckpt, subreaper, wait_gone, dump)
 
-CHECKS = 40     # "ok ..." lines the full target prints after its gate
+CHECKS = 41     # "ok ..." lines the full target prints after its gate
 
 
 def _dirs(tmp_path):
@@ -172,6 +172,9 @@ def _finishes_ok(p, reader):
 
 
 def test_stream_connection_leading_out_is_refused(procs, tmp_path):
+    """Connected to a listener of the test: refused while the connection waits in the test's
+    accept queue and once it is accepted, naming the fd, the path and the process at the other
+    end; the target goes on using the connection."""
     d = tmp_path / "u"
     d.mkdir()
     path = str(d / "outside.sock")
@@ -179,10 +182,14 @@ def test_stream_connection_leading_out_is_refused(procs, tmp_path):
         lst.bind(path)
         lst.listen(1)
         lst.settimeout(WAIT)
-        p, reader, fd = _refused(procs, ("outside", path), tmp_path, path, "outside the process",
-                                 "process %d" % os.getpid())
+        me = "process %d" % os.getpid()
+        p, reader, fd = _refused(procs, ("outside", path), tmp_path, path, "not accepted it yet", me)
         conn, _ = lst.accept()
         with conn:
+            rc, _, err = run_ckpt("dump", p.pid, "-o", tmp_path / "image", "--verify")
+            assert rc != 0
+            assert "fd %d" % fd in err and "stream socket connected to %s (held by %s" % (path, me) in err, err
+            assert alive(p.pid) and not (tmp_path / "image").exists()
             conn.settimeout(WAIT)
             os.kill(p.pid, signal.SIGUSR2)
             got = b""
@@ -193,6 +200,26 @@ def test_stream_connection_leading_out_is_refused(procs, tmp_path):
             lines = reader.read_all()
     assert lines == ["ok outside connection still works", "done fails=0"]
     assert p.wait(timeout=WAIT) == 0
+
+
+def test_other_network_namespace_is_refused(procs, tmp_path):
+    """A target in a network namespace of its own: sock_diag in ckpt's cannot see its sockets."""
+    r, w = os.pipe()
+    try:
+        p = subprocess.Popen(["unshare", "--net", str(exe("unixfds")), "scm", str(tmp_path)], stdin=subprocess.DEVNULL,
+                             stdout=w, stderr=subprocess.DEVNULL, start_new_session=True)
+    finally:
+        os.close(w)
+    procs.targets.append(p)
+    reader = LineReader(r)
+    procs.fds.append(reader)
+    assert reader.readline() == "ready %d" % p.pid
+    fd = int(reader.readline().split()[2])      # the pair's second end: the first one, fd - 1, is met first
+    rc, _, err = run_ckpt("dump", p.pid, "-o", tmp_path / "image", "--verify")
+    assert rc != 0
+    assert "fd %d is a unix" % (fd - 1) in err and "another network namespace" in err, err
+    assert alive(p.pid)
+    _finishes_ok(p, reader)
 
 
 def test_fd_in_flight_is_refused(procs, tmp_path):

@@ -230,11 +230,18 @@ def _read_options(sk):
     return out
 
 
-def _describe_peer(view, ino):
+def _held_by(view, ino):
+    """Who holds a socket the process cannot take along, for messages."""
+    if ino in view.fds:
+        return ("the process's standard stream fd %d, which restore attaches to ckpt's own instead"
+                % view.fd_of(ino))
+    who = holder(ino)
+    return ("held by %s" % who) if who else "held by no process ckpt can see"
+
+
+def _peer_text(view, ino):
     s = view.socks.get(ino)
-    where = holder(ino) if ino not in view.fds else "the process's own fd %d" % view.fd_of(ino)
-    name = ("named %s" % s.show_name()) if s is not None and s.name else "unnamed"
-    return "%s, %s" % (name, where or "held by no process ckpt can see")
+    return "%s (%s)" % (s.show_name() if s is not None and s.name else "an unnamed socket", _held_by(view, ino))
 
 
 def _refusal(view, f):
@@ -258,9 +265,13 @@ def _refusal(view, f):
                 % inflight)
     if s.state == LISTEN:
         for c in s.icons or ():
+            if not c:
+                return ("a connection whose client has already closed waits in the accept queue of this listener "
+                        "(%s), with whatever it sent, which cannot be read before it is accepted: not supported; "
+                        "retry once it is accepted" % s.show_name())
             if c not in view.held:
                 return ("a connection from outside the process (%s) waits in the accept queue of this listener "
-                        "(%s): not supported; retry once it is accepted" % (_describe_peer(view, c), s.show_name()))
+                        "(%s): not supported; retry once it is accepted" % (_held_by(view, c), s.show_name()))
             if view.socks[c].wqueue:
                 return ("fd %d has a connection waiting in the accept queue of this listener (%s) and has already "
                         "sent data on it, which cannot be read before it is accepted: not supported"
@@ -272,20 +283,18 @@ def _refusal(view, f):
         return None
     if p[0] == "pending":
         if p[1] not in view.held:
-            return ("a %s socket connecting to %s, a listener outside the process (%s), which has not accepted "
-                    "it yet: connections leading out of the process are not supported"
-                    % (kind, view.socks[p[1]].show_name(), _describe_peer(view, p[1])))
+            return ("a %s socket connecting to %s, a listener outside the process that has not accepted it "
+                    "yet: connections leading out of the process are not supported" % (kind, _peer_text(view, p[1])))
         return None
     if p[0] == "outside":
         peer = p[1]
         if s.type == DGRAM:
             if not peer.name:
-                return ("a datagram socket connected to an unnamed socket outside the process (%s): "
-                        "it could not be reconnected: not supported" % _describe_peer(view, peer.inode))
+                return ("a datagram socket connected to %s outside the process: without a name it could not "
+                        "be reconnected: not supported" % _peer_text(view, peer.inode))
             return None
-        return ("a %s socket connected to %s outside the process (%s): connections leading out of the "
-                "process are not supported" % (kind, peer.show_name() if peer.name else "an unnamed socket",
-                                               _describe_peer(view, peer.inode)))
+        return ("a %s socket connected to %s outside the process: connections leading out of the process "
+                "are not supported" % (kind, _peer_text(view, peer.inode)))
     y = view.socks[p[1]]
     if s.type == DGRAM and not y.name and y.peer != s.inode:
         return ("a datagram socket connected to an unnamed socket (fd %d) that is not connected back to it: "
@@ -502,17 +511,10 @@ def _path_of(entry, cwd=None):
     return base.rstrip(b"/") + b"/" + name
 
 
-def _bound_by(path_st, socks=None):
-    """Whether a socket is bound to this socket file (sock_diag, then a datagram connect that
-    answers ECONNREFUSED only when nobody is, whatever the type or namespace)."""
-    socks = sockdiag.unix_sockets() if socks is None else socks
-    key = (path_st.st_ino, path_st.st_dev)
-    if any(s.vfs == key for s in socks.values()):
-        return True
-    return None
-
-
-def _probe(path):
+def _bound(path):
+    """Whether a socket is bound to the socket file at path: a datagram connect answers
+    ECONNREFUSED only when none is, whatever its type or network namespace (and without a
+    connection or anything sent to a listener that is there)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
         try:
             probe.connect(path)
@@ -536,7 +538,7 @@ def _path_in_the_way(path):
     if not stat.S_ISSOCK(st.st_mode):
         what = "directory" if stat.S_ISDIR(st.st_mode) else "file that is not a socket"
         return "a %s is there" % what
-    if _bound_by(st) or _probe(path):
+    if _bound(path):
         return "a socket in use is bound to it"
     return None
 

@@ -134,35 +134,30 @@ class UnixTable(Mapping):
         return [ino for ino, (st, _) in self._raw.items() if st == state]
 
 
-def _request(sock, ino=0, flags=NLM_F_REQUEST | NLM_F_DUMP, raw=None):
-    req = _REQ.pack(socket.AF_UNIX, 0, 0, ALL_STATES, ino, SHOW_ALL, 0xFFFFFFFF, 0xFFFFFFFF)
-    sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, flags, 1, 0) + req)
-    out = []
+def _dump(sock, raw):
+    """Every unix socket's answer into raw: inode -> (state, bytes)."""
+    req = _REQ.pack(socket.AF_UNIX, 0, 0, ALL_STATES, 0, SHOW_ALL, 0xFFFFFFFF, 0xFFFFFFFF)
+    sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + req)
     while True:
         buf = sock.recv(1 << 20)
         if not buf:
-            return out
+            return
         off = 0
         while off + _NLMSGHDR.size <= len(buf):
             length, mtype, _, _, _ = _NLMSGHDR.unpack_from(buf, off)
             if length < _NLMSGHDR.size:
-                return out
+                return
             body = memoryview(buf)[off + _NLMSGHDR.size: off + length]
             if mtype == NLMSG_DONE:
-                return out
+                return
             if mtype == NLMSG_ERROR:
                 err = -struct.unpack_from("=i", body)[0]
                 if err:
                     raise OSError(err, "sock_diag (AF_UNIX): %s" % os.strerror(err))
-                return out
+                return
             if mtype == SOCK_DIAG_BY_FAMILY:
-                if raw is not None:
-                    _, _, state, _, sino, _, _ = _MSG.unpack_from(body, 0)
-                    raw[sino] = (state, bytes(body))
-                else:
-                    out.append(_parse(body))
-            if not flags & NLM_F_DUMP and mtype == SOCK_DIAG_BY_FAMILY:
-                return out
+                _, _, state, _, sino, _, _ = _MSG.unpack_from(body, 0)
+                raw[sino] = (state, bytes(body))
             off += (length + 3) & ~3
 
 
@@ -174,15 +169,6 @@ def unix_sockets():
     """Every unix socket of ckpt's network namespace: a mapping inode -> UnixSock."""
     raw = {}
     with _netlink() as s:
-        _request(s, raw=raw)
+        _dump(s, raw)
     return UnixTable(raw)
 
-
-def unix_socket(ino):
-    """One unix socket by inode (None if there is no such socket in this namespace)."""
-    with _netlink() as s:
-        try:
-            got = _request(s, ino, NLM_F_REQUEST)
-        except OSError:
-            return None
-    return got[0] if got else None

@@ -369,6 +369,21 @@ int main(int argc, char **argv)
 	close(TL);
 	xsend(tc, "via-closed-listener", 19);
 
+	/* 17: 3 MB queued in a stream pair (its sender's buffer raised for it) */
+	static char many[3000000];
+	for (size_t i = 0; i < sizeof(many); i++)
+		many[i] = (char)(i * 13 + (i >> 12));
+	int mp[2], force = 4 << 20;
+	xpair(SOCK_STREAM, mp);
+	if (setsockopt(mp[0], SOL_SOCKET, SO_SNDBUFFORCE, &force, sizeof(force)) < 0)
+		rs_die("SO_SNDBUFFORCE");
+	for (size_t done = 0; done < sizeof(many);) {
+		ssize_t n = send(mp[0], many + done, sizeof(many) - done, MSG_DONTWAIT);
+		if (n <= 0)
+			rs_die("send 3 MB");
+		done += (size_t)n;
+	}
+
 	printf("set up\n");
 	rs_gate_sleep();
 
@@ -433,6 +448,16 @@ int main(int argc, char **argv)
 	}
 	CHECK(GOT(a4, "bound-client") && named(c3, 0, abs_c3, 1) && named(a4, 1, abs_c3, 1) && named(c3, 1, lpath, 0) &&
 	      named(a4, 0, lpath, 0) && ping(a4, c3, "p16"), "bound client");
+
+	{
+		static char back[sizeof(many)];
+		size_t have = 0;
+		ssize_t n;
+		while (have < sizeof(back) && (n = recv(mp[1], back + have, sizeof(back) - have, MSG_DONTWAIT)) > 0)
+			have += (size_t)n;
+		CHECK(have == sizeof(many) && memcmp(back, many, sizeof(many)) == 0 && recv(mp[1], back, 1, MSG_DONTWAIT) < 0 &&
+		      errno == EAGAIN, "3 MB stream queue");
+	}
 
 	/* names */
 	CHECK(named(L, 0, lpath, 0) && named(a1, 0, lpath, 0) && named(c1, 1, lpath, 0) && named(c1, 0, NULL, 0),
