@@ -14,7 +14,7 @@ import subprocess
 from restore_support import (WAIT, LineReader, alive, exe, image_meta, procs, reap_killed, restore, rs_built,  # noqa: F401
                              run_ckpt, subreaper, wait_gone, dump)
 
-CHECKS = 41     # "ok ..." lines the full target prints after its gate
+CHECKS = 42     # "ok ..." lines the full target prints after its gate
 
 
 def _dirs(tmp_path):
@@ -144,6 +144,13 @@ def test_bound_path_taken_at_restore_is_refused_up_front(procs, tmp_path):
         assert "Traceback" not in err
         assert not alive(p.pid)
         assert (d / "listen.sock").read_bytes() == b"someone else's file\n"
+        os.unlink(d / "listen.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as other:
+            other.bind(str(d / "listen.sock"))      # a socket in use, of another type
+            rc, _, err = restore(procs, img)
+            assert rc != 0
+            assert str(d / "listen.sock") in err and "a socket in use is bound to it" in err, err
+            assert not alive(p.pid)
 
 
 def _refused(procs, argv_args, tmp_path, *want):

@@ -560,8 +560,9 @@ class _Builder:
         self.temps = []         # fds to close once everything is made
         self.unlink_later = []  # bound and unlinked again at the end (files unlinked at the dump)
         self.senders = {}       # sender name -> temporary datagram socket bound to it
-        self.raised = {}        # fd -> bytes it puts back (its send buffer raised for them)
-        self.raised_to = {}
+        self.raised = {}        # fd -> bytes it puts back (with the kernel's overhead)
+        self.raised_to = {}     # fd -> the send buffer it was given for them
+        self.default_sndbuf = struct.unpack("=i", _fresh_options(STREAM)["SO_SNDBUF"][:4])[0]
         self.forced = set()     # inodes whose send buffer is to be set back after the refill
         self.pairs = set()      # datagram socketpairs made: {inode, inode}
         self.cwd = os.fsencode(os.readlink("/proc/%d/cwd" % remote.pid))
@@ -789,11 +790,13 @@ class _Builder:
         """Room in the sender's send buffer for all it puts back, over all receivers (its own
         size is set back after the refill)."""
         total = self.raised.get(fd, 0) + size
+        self.raised[fd] = total
+        if total <= self.default_sndbuf // 2:
+            return      # a fresh socket's send buffer holds it (kept until the options are set)
         want = min(total * 2 + (1 << 20), 1 << 30)
-        if fd in self.raised and want <= self.raised_to[fd]:
-            self.raised[fd] = total
+        if want <= self.raised_to.get(fd, 0):
             return
-        self.raised[fd], self.raised_to[fd] = total, want
+        self.raised_to[fd] = want
         self.forced.update(ino for ino, f in self.fd.items() if f == fd)
         r = self.setsockopt(fd, SO_SNDBUFFORCE, want // 2, what="SO_SNDBUFFORCE", ok=(errno.EPERM,))
         if r < 0:
@@ -833,13 +836,13 @@ class _Builder:
             if sender is None:
                 raise RestoreError("%s: %d bytes are queued in it but it has no peer to send them"
                                    % (self.label(e), len(data)))
-            self.raise_sndbuf(sender, len(data))
+            self.raise_sndbuf(sender, len(data) + len(data) // 4 + 4096)
             self.send(sender, data, None, e)
             return
         records = [(_unb64(d), _unb64(n)) for d, n in queue]
         for data, sender_name in records:
             fd, dest = self.record_sender(e, sender_name)
-            self.raise_sndbuf(fd, len(data) + 4096)
+            self.raise_sndbuf(fd, len(data) + 2048)
             self.send(fd, data, dest, e)
 
     def record_sender(self, e, sender_name):

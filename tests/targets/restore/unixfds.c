@@ -486,6 +486,18 @@ int main(int argc, char **argv)
 	CHECK(sockopt(P, SO_TYPE) == SOCK_STREAM && sockopt(RB, SO_TYPE) == SOCK_DGRAM && sockopt(AL, SO_ACCEPTCONN) == 1 &&
 	      sockopt(UL, SO_ACCEPTCONN) == 1 && sockopt(P, SO_ACCEPTCONN) == 0, "types and listening");
 
+	{
+		/* peer credentials: made inside the process, they name it (same PID after restore) */
+		int ok = 1, fds[] = {sp[0], sp[1], c1, a1, as1, c2};
+		for (int i = 0; i < 6; i++) {
+			struct ucred cr;
+			socklen_t l = sizeof(cr);
+			ok &= getsockopt(fds[i], SOL_SOCKET, SO_PEERCRED, &cr, &l) == 0 && cr.pid == getpid() &&
+			      cr.uid == getuid() && cr.gid == getgid();
+		}
+		CHECK(ok, "peer credentials");
+	}
+
 	/* every pair works both ways */
 	CHECK(ping(sp[0], sp[1], "p1") && ping(sp[1], sp[0], "p2"), "stream pair");
 	CHECK(ping(dp[0], dp[1], "p3") && ping(dp[1], dp[0], "p4"), "datagram pair");
