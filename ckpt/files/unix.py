@@ -5,9 +5,11 @@ datagram sockets connected to a named socket outside the process (syslog's /dev/
 
 Dump. sock_diag (ckpt.kernel.sockdiag) describes every unix socket of the namespace at once:
 type, state, name, bound file, peer, queued bytes, a listener's waiting clients, shutdown
-state. The queued data is read in the freeze without taking it out: MSG_PEEK with SO_PEEK_OFF
-on ckpt's duplicate of the socket (the same socket: its peek offset is put back right after),
-datagram and record boundaries kept with each datagram's sender name. Refused, naming the fd:
+state. The file a socket is bound to is found by SIOCUNIXFILE (the directory of a relative
+name, its mode and owner, or that it was unlinked). The queued data is read in the freeze
+without taking it out: MSG_PEEK with SO_PEEK_OFF on ckpt's duplicate of the socket (the same
+socket: its peek offset is put back right after), datagram and record boundaries kept with each
+datagram's sender name. Refused, naming the fd:
 a stream or seqpacket connection to a socket outside the process (the other end cannot be
 rebuilt), a datagram socket connected to an unnamed socket outside, file descriptors in flight
 (SCM_RIGHTS: /proc fdinfo `scm_fds`, and any met while peeking), a listener with connections
@@ -27,10 +29,14 @@ the dump). A stale socket file at a bound path (nobody bound to it) is removed; 
 in the way fails the restore before anything is made.
 
 Not kept: peer credentials other than the restored process's own (SO_PEERCRED of in-process
-pairs shows the restored PID, with the uid restore runs as), the credentials attached to queued
-messages, an out-of-band byte (refused: the queued bytes do not add up), a pending error
-(SO_ERROR). Empty datagrams at the end of the queue of a datagram socket shut down for reading
-cannot be told from its end of file and are not kept.
+pairs names the restored PID, as it did, but the uid restore runs as), the credentials attached
+to queued messages, an out-of-band byte (refused: the queued bytes do not add up), a pending
+error (SO_ERROR). Empty datagrams at the end of the queue of a datagram socket shut down for
+reading cannot be told from its end of file and are not kept. The name of a connection accepted
+from a listener that is gone comes back only if nothing holds it at restore (else unnamed, with
+a warning). Datagrams sent by other processes between the freeze and the kill are lost with the
+killed process, as they would be. Two sockets of the image bound to one path (the first one's
+file unlinked) that are both reached by name during the restore cannot both be bound.
 """
 import array
 import base64
@@ -613,8 +619,9 @@ class _Builder:
             why = _path_in_the_way(path)
             if why:
                 raise RestoreError("%s: cannot bind to %s: %s" % (self.label(e), os.fsdecode(path), why))
-            if os.path.lexists(path):
-                os.unlink(path)     # a stale socket file nobody is bound to
+            if os.path.lexists(path):    # a stale socket file nobody is bound to
+                self.path_call(sysno.unlinkat, path, 0, what="unlink of the stale socket file %s" % os.fsdecode(path),
+                               ok=(errno.ENOENT,))
         d = (e.get("file") or {}).get("dir")
         chdir = path is not None and name[:1] != b"/" and d and os.fsencode(d) != self.cwd
         if chdir:
@@ -636,10 +643,22 @@ class _Builder:
         path = self.bind(fd, e)
         if path is not None:
             info = e.get("file") or {}
-            if info.get("unlinked"):
-                self.unlink_later.append((path, e))    # at the end: connects may need it until then
+            if info.get("unlinked") and self.reached_by_path(e):
+                self.unlink_later.append((path, e))    # at the end: connects need it until then
             else:
                 self.file_as_dumped(path, e)
+
+    def reached_by_path(self, e):
+        """Whether the restore connects or sends to this bound socket by its name."""
+        ino = e["inode"]
+        if e["state"] == "listening":
+            return bool(e.get("pending")) or any(o.get("via") == ino for o in self.entries)
+        if e["type"] != DGRAM:
+            return False
+        if e.get("queue"):
+            return True
+        return any((o.get("peer") or {}).get("held") == ino and frozenset((ino, o["inode"])) not in self.pairs
+                   for o in self.entries)
 
     def file_as_dumped(self, path, e):
         """The socket file just bound: its owner and mode as at the dump, or gone as it was."""
@@ -734,6 +753,12 @@ class _Builder:
                 lst = self.by_ino[e["via"]]
                 lfd, addr = self.fd[lst["inode"]], self.connect_addr(lst)
             else:
+                taken = self.name_taken(e)
+                if taken:
+                    # the name went to another socket since: the connection comes back unnamed
+                    self.warn("%s: its name cannot be given back (%s); it is restored "
+                              "unnamed" % (self.label(e), taken))
+                    return self.make_pair(e, y, bind=False)
                 lfd, addr, path = self.temp_listener(e)
             if y is not None:
                 cfd = self.connector(y)
@@ -750,14 +775,31 @@ class _Builder:
                 if path is not None:
                     self.file_as_dumped(path, e)    # a file still there at the dump stays, stale as it was
             return
+        self.make_pair(e, y)
+
+    def make_pair(self, e, y, bind=True):
+        """e and its peer y (None: closed) as a socketpair, bound to their own names."""
         a, b = self.socketpair(e["type"], self.label(e))
         self.fd[e["inode"]] = a
-        self.bind_own(a, e)
+        if bind:
+            self.bind_own(a, e)
         if y is not None:
             self.fd[y["inode"]] = b
             self.bind_own(b, y)
         else:
             self.dead_peer[e["inode"]] = b
+
+    def name_taken(self, e):
+        """What holds the entry's name now (None: it can be bound)."""
+        name = _unb64(e["name"])
+        if name[:1] == b"\0":
+            return "a socket is bound to it" if _abstract_taken(name) else None
+        return _path_in_the_way(_path_of(e, self.cwd))
+
+    def warn(self, text):
+        warn = getattr(self.table.options, "warn", None)
+        if warn is not None:
+            warn(text)
 
     def make_pending(self, c, lst):
         fd = self.connector(c)
@@ -773,13 +815,13 @@ class _Builder:
             if mutual or "dead" in peer:
                 a, b = self.socketpair(DGRAM, self.label(e))
                 self.fd[e["inode"]] = a
-                self.bind_own(a, e)
                 if mutual:
                     self.fd[y["inode"]] = b
                     self.pairs.add(frozenset((e["inode"], y["inode"])))
                     self.bind_own(b, y)
                 else:
                     self.dead_peer[e["inode"]] = b
+                self.bind_own(a, e)
                 return
         fd = self.socket(e["type"], self.label(e))
         self.fd[e["inode"]] = fd
@@ -958,7 +1000,7 @@ def _check_free(entry):
     nobody is bound to counts as free), named peers outside are still there."""
     label = "fd %d (%s unix socket)" % (entry["fd"], TYPES.get(entry.get("type"), "?"))
     name = _unb64(entry.get("name"))
-    if name and entry.get("bind") in ("own", "temp"):
+    if name and entry.get("bind") == "own":
         if name[:1] == b"\0":
             if _abstract_taken(name):
                 raise RestoreError("%s: cannot bind to the abstract name %s: a socket is bound to it"
