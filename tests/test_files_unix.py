@@ -254,3 +254,29 @@ def test_connection_from_outside_waiting_in_accept_queue_is_refused(procs, tmp_p
         assert alive(p.pid) and not (tmp_path / "image").exists()
         _run_checks(p.pid, reader, d, log, client)
         assert p.wait(timeout=WAIT) == 0
+
+
+def test_stdout_socket_leading_out_is_attached_to_ckpts_stdout(procs, tmp_path):
+    """fd 1 a unix socket whose peer is the test's: dumped as a standard stream (not refused),
+    restored as ckpt's own stdout, as pipes and terminals are."""
+    d, log = _dirs(tmp_path)
+    mine, theirs = socket.socketpair()
+    with log, mine:
+        try:
+            p, _ = procs.start("unixfds", d, d / "log.sock", stdout=theirs.fileno())
+        finally:
+            theirs.close()
+        reader = LineReader(os.dup(mine.fileno()))
+        procs.fds.append(reader)
+        assert reader.readline() == "ready %d" % p.pid
+        assert reader.readline() == "set up"
+        assert log.recv(100) == b"log-before"
+        img = tmp_path / "image"
+        dump(p.pid, img)
+        reap_killed(p)
+        out = [e for e in image_meta(img)["fds"] if e["fd"] == 1]
+        assert out and out[0]["kind"] == "unix" and out[0]["inherit"] is True, out
+        pid, restored_out = _restore_attached(procs, img)
+        assert os.readlink("/proc/%d/fd/1" % pid).startswith("pipe:")
+        _run_checks(pid, restored_out, d, log)
+        assert os.WEXITSTATUS(wait_gone(pid)) == 0
