@@ -399,6 +399,28 @@ def probe_row(label, st, extra=()):
 PROBE_HEADERS = ["phase", "requests", "p50 ms", "p99 ms", "worst ms"]
 
 
+def live_dumps(run, pid, probe, rows, checks, pause, extra_cols=0):
+    """The two live dumps under load, each followed by `pause` seconds: first with --verify (its
+    freeze includes re-reading all memory), then a plain one; a probe row for each and one for
+    after them. Returns (result with --verify, plain result)."""
+    pad = ["-"] * extra_cols
+    results = []
+    for label, extra, tag in (("ckpt dump --leave-running --verify", ("--verify",), "dump-verify"),
+                              ("ckpt dump --leave-running", (), "dump-live")):
+        img = run.path(tag + ".img")
+        res, secs, t0, t1 = run.dump(pid, img, "--leave-running", *extra, tag=tag)
+        rows.append(probe_row(label, probe.window(t0, t1), [fmt_ms(res["freeze_ms"], 2)] + pad))
+        ok = res.get("left_running") is True and (res.get("verified") is True or not extra)
+        checks("live dump" + (" with --verify" if extra else ""), ok,
+               "freeze %.2f ms, %s threads, rounds %s, image %.0f MiB, %.2f s"
+               % (res["freeze_ms"], res.get("threads"), res["rounds"], res["image_bytes"] / 2**20, secs))
+        os.unlink(img)
+        time.sleep(pause)
+        results.append((res, t1))
+    rows.append(probe_row("after the dumps", probe.window(results[-1][1], time.monotonic()), ["-"] + pad))
+    return results[0][0], results[1][0]
+
+
 def main_wrapper(body):
     """Run body() -> bool (all checks passed); exit 0/1. A DemoError or an interruption exits 1
     with a one-line message (cleanup is the body's `with Run(...)`)."""

@@ -27,7 +27,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (PROBE_HEADERS, WAIT, Checks, DemoError, LatencyProbe, Run, alive,  # noqa: E402
+from _common import (live_dumps, PROBE_HEADERS, WAIT, Checks, DemoError, LatencyProbe, Run, alive,  # noqa: E402
                      fmt_ms, free_port, log, main_wrapper, probe_row, table, wait_for)
 
 try:
@@ -162,24 +162,7 @@ def run_demo(args):
         time.sleep(args.phase_seconds)
         rows = [probe_row("load only", probe.window(t0, time.monotonic()), ["-"])]
         try:
-            img_v = run.path("live-verify.img")
-            res_v, secs_v, d0, d1 = run.dump(mc.pid, img_v, "--leave-running", "--verify", tag="dump-verify")
-            rows.append(probe_row("ckpt dump --leave-running --verify", probe.window(d0, d1),
-                                  [fmt_ms(res_v["freeze_ms"], 2)]))
-            checks("live dump with --verify", res_v.get("verified") is True and res_v.get("left_running") is True,
-                   "freeze %.2f ms, rounds %s, %.2f s" % (res_v["freeze_ms"], res_v["rounds"], secs_v))
-            os.unlink(img_v)
-            time.sleep(args.phase_seconds / 2)
-
-            img_l = run.path("live.img")
-            res_l, secs_l, l0, l1 = run.dump(mc.pid, img_l, "--leave-running", tag="dump-live")
-            rows.append(probe_row("ckpt dump --leave-running", probe.window(l0, l1), [fmt_ms(res_l["freeze_ms"], 2)]))
-            checks("plain live dump", res_l.get("left_running") is True,
-                   "freeze %.2f ms, rounds %s, image %.0f MiB, %.2f s"
-                   % (res_l["freeze_ms"], res_l["rounds"], res_l["image_bytes"] / 2**20, secs_l))
-            os.unlink(img_l)
-            time.sleep(args.phase_seconds / 2)
-            rows.append(probe_row("after the dumps", probe.window(l1, time.monotonic()), ["-"]))
+            res_v, res_l = live_dumps(run, mc.pid, probe, rows, checks, args.phase_seconds / 2)
         finally:
             table(PROBE_HEADERS + ["freeze ms"], rows,
                   title="Probe latency (one get at a time, %d load clients running); the --verify dump's freeze "
