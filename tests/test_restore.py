@@ -402,3 +402,14 @@ def test_terminal_stdout_is_reattached(procs, tmp_path):
     after = [line for line in new.read_all() if not line.startswith("restored process %d" % p.pid)]
     same_after_ready(before + after, ref.lines()[0])
     _assert_exit(st)
+
+
+def test_low_fd_limit_with_fds_near_it(procs, tmp_path):
+    p, reader = procs.start("lownofile.py", stdout=subprocess.PIPE)
+    img = tmp_path / "image"
+    dump(p.pid, img)
+    reap_killed(p)
+    pid, out = _restore_attached(procs, img)
+    os.kill(pid, signal.SIGUSR1)
+    assert out.readline() == "limit (40, 40) data b'kept'"
+    _assert_exit(wait_gone(pid))

@@ -388,8 +388,10 @@ class Builder:
         process.restore_mm(r, p, exe_fd)
         r.many([(sysno.close, (fd,)) for fd in self.opened_fds + ([exe_fd] if exe_fd >= 0 else [])], what="close")
         process.restore_process(r, p)
-        process.restore_rlimits(self.pid, p, self.opts.warn)
+        # fds before rlimits: objects are parked above every fd number of the image, which a low
+        # RLIMIT_NOFILE of the process would refuse
         files.restore_fds(r, self.plan.fds, self.opts)
+        process.restore_rlimits(self.pid, p, self.opts.warn)
 
     def _threads(self):
         r = self.remote
