@@ -432,6 +432,25 @@ def restore_ok(procs, img, *extra):
     return pid, out, err
 
 
+def restore_attached(procs, img):
+    """`ckpt restore IMG` with its stdout a pipe of ours, which the restored process inherits
+    as its stdout; returns (pid, LineReader positioned after ckpt's own line)."""
+    r, w = os.pipe()
+    pid = image_meta(img)["process"]["pid"]
+    procs.adopt(pid)
+    try:
+        p = procs.popen_ckpt("restore", img, "--json", stdout=w)
+    finally:
+        os.close(w)
+    reader = LineReader(r)
+    procs.fds.append(reader)
+    _, err = p.communicate(timeout=WAIT)
+    assert p.returncode == 0, "restore failed: %s" % err.strip()
+    res = json.loads(reader.readline())
+    assert res["pid"] == pid
+    return pid, reader
+
+
 def same_after_ready(got, want):
     """Output lines after "ready PID" (the only line that names the PID) are identical."""
     assert got and got[0].startswith("ready "), got[:3]

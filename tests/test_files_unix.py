@@ -11,7 +11,7 @@ import socket
 import stat
 import subprocess
 
-from restore_support import (WAIT, LineReader, alive, exe, image_meta, procs, reap_killed, restore, rs_built,  # noqa: F401
+from restore_support import (restore_attached, WAIT, LineReader, alive, exe, image_meta, procs, reap_killed, restore, rs_built,  # noqa: F401
                              run_ckpt, subreaper, wait_gone, dump)
 
 CHECKS = 42     # "ok ..." lines the full target prints after its gate
@@ -33,23 +33,6 @@ def _start(procs, d, log):
     assert reader.readline() == "set up"
     assert log.recv(100) == b"log-before"
     return p, reader
-
-
-def _restore_attached(procs, img):
-    """`ckpt restore IMG --json` with its stdout a pipe the restored target inherits."""
-    r, w = os.pipe()
-    pid = image_meta(img)["process"]["pid"]
-    procs.adopt(pid)
-    try:
-        p = procs.popen_ckpt("restore", img, "--json", stdout=w)
-    finally:
-        os.close(w)
-    reader = LineReader(r)
-    procs.fds.append(reader)
-    _, err = p.communicate(timeout=WAIT)
-    assert p.returncode == 0, "restore failed: %s" % err.strip()
-    assert json.loads(reader.readline())["pid"] == pid
-    return pid, reader
 
 
 def _run_checks(pid, reader, d, log, client=None):
@@ -103,7 +86,7 @@ def test_unix_sockets_dumped_killed_restored(procs, tmp_path):
         reap_killed(p)
         entries = [e for e in image_meta(img)["fds"] if e["kind"] == "unix"]
         assert sorted(e["fd"] for e in entries) == before
-        pid, out = _restore_attached(procs, img)
+        pid, out = restore_attached(procs, img)
         assert sorted(_unix_links(pid)) == before
         st = os.stat(d / "listen.sock")
         assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660
@@ -124,7 +107,7 @@ def test_leave_running_then_restore_over_stale_socket_files(procs, tmp_path):
         first = _run_checks(p.pid, reader, d, log)
         assert p.wait(timeout=WAIT) == 0
         assert stat.S_ISSOCK(os.lstat(d / "listen.sock").st_mode)     # stale, left by the original
-        pid, out = _restore_attached(procs, img)
+        pid, out = restore_attached(procs, img)
         assert _run_checks(pid, out, d, log) == first
         assert os.WEXITSTATUS(wait_gone(pid)) == 0
 
@@ -276,7 +259,7 @@ def test_stdout_socket_leading_out_is_attached_to_ckpts_stdout(procs, tmp_path):
         reap_killed(p)
         out = [e for e in image_meta(img)["fds"] if e["fd"] == 1]
         assert out and out[0]["kind"] == "unix" and out[0]["inherit"] is True, out
-        pid, restored_out = _restore_attached(procs, img)
+        pid, restored_out = restore_attached(procs, img)
         assert os.readlink("/proc/%d/fd/1" % pid).startswith("pipe:")
         _run_checks(pid, restored_out, d, log)
         assert os.WEXITSTATUS(wait_gone(pid)) == 0

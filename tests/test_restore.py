@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from restore_support import (HAVE_AVX2, NOBODY, WAIT, LineReader, alive, describe_status, dump, fdinfo,  # noqa: F401
+from restore_support import (restore_attached, HAVE_AVX2, NOBODY, WAIT, LineReader, alive, describe_status, dump, fdinfo,  # noqa: F401
                              image_meta, image_tids, kill_and_reap, procs, read_lines, reap_killed, reference,
                              restore_ok, rs_built, same_after_ready, status, subreaper, tids, wait_file_line,
                              wait_gone)
@@ -210,25 +210,6 @@ def _fdcheck_dir(tmp_path):
     return d
 
 
-def _restore_attached(procs, img):
-    """`ckpt restore IMG` with its stdout a pipe of ours, which the restored process inherits
-    as its stdout; returns (pid, LineReader positioned after ckpt's own line)."""
-    r, w = os.pipe()
-    pid = image_meta(img)["process"]["pid"]
-    procs.adopt(pid)
-    try:
-        p = procs.popen_ckpt("restore", img, "--json", stdout=w)
-    finally:
-        os.close(w)
-    reader = LineReader(r)
-    procs.fds.append(reader)
-    _, err = p.communicate(timeout=WAIT)
-    assert p.returncode == 0, "restore failed: %s" % err.strip()
-    res = json.loads(reader.readline())
-    assert res["pid"] == pid
-    return pid, reader
-
-
 def _fd_table(pid, fds):
     return {fd: (os.readlink("/proc/%d/fd/%d" % (pid, fd)), fdinfo(pid, fd)["flags"], fdinfo(pid, fd)["pos"])
             for fd in fds}
@@ -244,7 +225,7 @@ def test_fds_positions_flags_and_pipe_contents(procs, tmp_path):
     img = tmp_path / "image"
     dump(p.pid, img)
     reap_killed(p)
-    pid, out = _restore_attached(procs, img)
+    pid, out = restore_attached(procs, img)
     after = _fd_table(pid, fds)
     for fd in fds:
         b, a = before[fd], after[fd]
@@ -271,7 +252,7 @@ def test_dup_fds_share_their_offset(procs, tmp_path):
     img = tmp_path / "image"
     dump(p.pid, img)
     reap_killed(p)
-    pid, out = _restore_attached(procs, img)
+    pid, out = restore_attached(procs, img)
     os.kill(pid, signal.SIGUSR2)
     assert out.readline() == "ok shared"
 
@@ -409,7 +390,7 @@ def test_low_fd_limit_with_fds_near_it(procs, tmp_path):
     img = tmp_path / "image"
     dump(p.pid, img)
     reap_killed(p)
-    pid, out = _restore_attached(procs, img)
+    pid, out = restore_attached(procs, img)
     os.kill(pid, signal.SIGUSR1)
     assert out.readline() == "limit (40, 40) data b'kept'"
     _assert_exit(wait_gone(pid))
