@@ -399,26 +399,34 @@ def probe_row(label, st, extra=()):
 PROBE_HEADERS = ["phase", "requests", "p50 ms", "p99 ms", "worst ms"]
 
 
-def live_dumps(run, pid, probe, rows, checks, pause, extra_cols=0):
+def live_dumps(run, pid, probe, checks, load, t0, rows, pause, server, title, extra_headers=()):
     """The two live dumps under load, each followed by `pause` seconds: first with --verify (its
-    freeze includes re-reading all memory), then a plain one; a probe row for each and one for
-    after them. Returns (result with --verify, plain result)."""
-    pad = ["-"] * extra_cols
-    results = []
-    for label, extra, tag in (("ckpt dump --leave-running --verify", ("--verify",), "dump-verify"),
-                              ("ckpt dump --leave-running", (), "dump-live")):
-        img = run.path(tag + ".img")
-        res, secs, t0, t1 = run.dump(pid, img, "--leave-running", *extra, tag=tag)
-        rows.append(probe_row(label, probe.window(t0, t1), [fmt_ms(res["freeze_ms"], 2)] + pad))
-        ok = res.get("left_running") is True and (res.get("verified") is True or not extra)
-        checks("live dump" + (" with --verify" if extra else ""), ok,
-               "freeze %.2f ms, %s threads, rounds %s, image %.0f MiB, %.2f s"
-               % (res["freeze_ms"], res.get("threads"), res["rounds"], res["image_bytes"] / 2**20, secs))
-        os.unlink(img)
-        time.sleep(pause)
-        results.append((res, t1))
-    rows.append(probe_row("after the dumps", probe.window(results[-1][1], time.monotonic()), ["-"] + pad))
-    return results[0][0], results[1][0]
+    freeze includes re-reading all memory), then a plain one. Adds a probe row for each and one
+    for after them to `rows` (the caller's rows since t0 come first), prints the table, and checks
+    that the probe, the load generator and the server went on through them."""
+    pad = ["-"] * len(extra_headers)
+    last = t0
+    try:
+        for label, extra, tag in (("ckpt dump --leave-running --verify", ("--verify",), "dump-verify"),
+                                  ("ckpt dump --leave-running", (), "dump-live")):
+            img = run.path(tag + ".img")
+            res, secs, d0, last = run.dump(pid, img, "--leave-running", *extra, tag=tag)
+            rows.append(probe_row(label, probe.window(d0, last), [fmt_ms(res["freeze_ms"], 2)] + pad))
+            ok = res.get("left_running") is True and (res.get("verified") is True or not extra)
+            checks("live dump" + (" with --verify" if extra else ""), ok,
+                   "freeze %.2f ms, %s threads, rounds %s, image %.0f MiB, %.2f s"
+                   % (res["freeze_ms"], res.get("threads"), res["rounds"], res["image_bytes"] / 2**20, secs))
+            os.unlink(img)
+            time.sleep(pause)
+        rows.append(probe_row("after the dumps", probe.window(last, time.monotonic()), ["-"] + pad))
+    finally:
+        table(PROBE_HEADERS + ["freeze ms"] + list(extra_headers), rows,
+              title=title + "; the --verify dump's freeze includes re-reading all memory")
+    errs = probe.window(t0, time.monotonic())["errors"]
+    checks("probe served through the live dumps", not errs, "; ".join(errs[:3]))
+    checks("load generator still running after the live dumps", load.poll() is None,
+           run.log_tail("load") if load.poll() is not None else "")
+    checks("%s still running after the live dumps" % server, alive(pid))
 
 
 def main_wrapper(body):

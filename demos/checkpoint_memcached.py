@@ -27,7 +27,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (live_dumps, PROBE_HEADERS, WAIT, Checks, DemoError, LatencyProbe, Run, alive,  # noqa: E402
+from _common import (live_dumps, WAIT, Checks, DemoError, LatencyProbe, Run, alive,  # noqa: E402
                      fmt_ms, free_port, log, main_wrapper, probe_row, table, wait_for)
 
 try:
@@ -161,17 +161,8 @@ def run_demo(args):
         t0 = time.monotonic()
         time.sleep(args.phase_seconds)
         rows = [probe_row("load only", probe.window(t0, time.monotonic()), ["-"])]
-        try:
-            res_v, res_l = live_dumps(run, mc.pid, probe, rows, checks, args.phase_seconds / 2)
-        finally:
-            table(PROBE_HEADERS + ["freeze ms"], rows,
-                  title="Probe latency (one get at a time, %d load clients running); the --verify dump's freeze "
-                        "includes re-reading all memory" % args.clients)
-        errs = probe.window(t0, time.monotonic())["errors"]
-        checks("probe served through the live dumps", not errs, "; ".join(errs[:3]))
-        checks("load generator still running after the live dumps", load.poll() is None,
-               run.log_tail("load") if load.poll() is not None else "")
-        checks("memcached still running after the live dumps", alive(mc.pid))
+        live_dumps(run, mc.pid, probe, checks, load, t0, rows, args.phase_seconds / 2, "memcached",
+                   "Probe latency (one get at a time, %d load clients running)" % args.clients)
 
         # ---- stop the load; what must survive the kill + restore
         run.stop(load)

@@ -26,7 +26,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (live_dumps, PROBE_HEADERS, WAIT, Checks, DemoError, LatencyProbe, Run, alive, children_of,  # noqa: E402
+from _common import (live_dumps, WAIT, Checks, DemoError, LatencyProbe, Run, alive, children_of,  # noqa: E402
                      fmt_ms, free_port, log, main_wrapper, probe_row, table, wait_for)
 
 try:
@@ -158,17 +158,9 @@ def run_demo(args):
 
         rows = [probe_row("load only", before, ["-", "-"]),
                 probe_row("BGSAVE (redis forks)", during_bgsave, ["-", fmt_ms(fork_ms, 2)])]
-        try:
-            res_v, res_l = live_dumps(run, srv.pid, probe, rows, checks, args.phase_seconds / 2, extra_cols=1)
-        finally:
-            table(PROBE_HEADERS + ["freeze ms", "redis fork ms"], rows,
-                  title="Probe latency (one GET at a time, redis-benchmark -c %d running); the --verify dump's "
-                        "freeze includes re-reading all memory" % args.clients)
-        checks("probe served through the live dumps", not probe.window(t0, time.monotonic())["errors"],
-               "; ".join(probe.window(t0, time.monotonic())["errors"][:3]))
-        checks("load generator still running after the live dumps", load.poll() is None,
-               run.log_tail("load") if load.poll() is not None else "")
-        checks("redis still running after the live dumps", alive(srv.pid))
+        live_dumps(run, srv.pid, probe, checks, load, t0, rows, args.phase_seconds / 2, "redis",
+                   "Probe latency (one GET at a time, redis-benchmark -c %d running)" % args.clients,
+                   extra_headers=["redis fork ms"])
 
         # ---- stop the load; what must survive the kill + restore
         run.stop(load)
