@@ -106,12 +106,17 @@ def dump(pid, output, leave_running, max_pause, rounds, mode, verify, compress, 
 @click.option("--foreground", is_flag=True, help="stay the parent, wait, and exit with the process's status")
 @click.option("--tcp-close", is_flag=True,
               help="restore established TCP connections closed (the peer sees a reset) instead of live")
+@click.option("--shell-job", is_flag=True,
+              help="give the process ckpt's own terminal and standard streams where its own led out")
+@click.option("--allow-file-change", is_flag=True,
+              help="reopen files whose size or mtime changed since the dump (same inode; mapped files never)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object with the results")
-def restore(image, pidfile, foreground, tcp_close, as_json):
+def restore(image, pidfile, foreground, tcp_close, shell_job, allow_file_change, as_json):
     """Bring a dumped process back: same PID and thread IDs, same memory, all threads."""
     from ckpt.restore.build import RestoreOptions
     from ckpt.restore.build import restore as do_restore
-    opts = RestoreOptions(pidfile=pidfile, foreground=foreground, tcp_close=tcp_close,
+    opts = RestoreOptions(pidfile=pidfile, foreground=foreground, tcp_close=tcp_close, shell_job=shell_job,
+                          allow_file_change=allow_file_change,
                           warn=lambda m: click.echo("ckpt: warning: %s" % m, err=True))
     try:
         res = do_restore(image, opts)
@@ -148,28 +153,30 @@ def _wait_foreground(pid):
 @click.option("--json", "as_json", is_flag=True)
 def info(image, as_json):
     """Show what an image holds."""
-    from ckpt.image.info import describe
+    from ckpt.image.info import describe, printable as P
     try:
         d = describe(image)
     except CkptError as e:
         _fail(e)
     if as_json:
-        click.echo(json.dumps(d))
+        click.echo(json.dumps(d))      # JSON escapes control characters itself
         return
+    # every string from the image is escaped: no control character reaches the terminal
     p = d["process"]
-    click.echo("image %s: %d bytes, format %d, made on %s (%s)" % (image, d["bytes"], d["format"], d["kernel"], d["arch"]))
-    click.echo("process %s (%s) %s" % (p.get("pid"), p.get("comm"), " ".join(p.get("cmdline", []))))
+    click.echo("image %s: %d bytes, format %s, made on %s (%s)"
+               % (P(image), d["bytes"], P(d["format"]), P(d["kernel"]), P(d["arch"])))
+    click.echo("process %s (%s) %s" % (p.get("pid"), P(p.get("comm")), " ".join(P(a) for a in p.get("cmdline", []))))
     click.echo("  threads: %s" % ", ".join(str(t) for t in d["threads"]))
     dm = d.get("dump", {})
-    click.echo("  dump mode %s, rounds (pages) %s" % (dm.get("mode"), [r["pages"] for r in dm.get("rounds", [])]))
+    click.echo("  dump mode %s, rounds (pages) %s" % (P(dm.get("mode")), [r["pages"] for r in dm.get("rounds", [])]))
     click.echo("  pages held: %d (%d zero), payload %d bytes" % (d["pages"], d["zero_pages"], d["payload_bytes"]))
     click.echo("  mappings:")
     for m in d["mappings"]:
-        click.echo("    %016x-%016x %s %-12s %6d pages  %s" % (m["start"], m["end"], m["perms"], m["kind"],
-                                                             m["pages_in_image"], m["path"]))
+        click.echo("    %016x-%016x %s %-12s %6d pages  %s" % (m["start"], m["end"], P(m["perms"]), P(m["kind"]),
+                                                             m["pages_in_image"], P(m["path"])))
     click.echo("  fds:")
     for f in d["fds"]:
-        click.echo("    %3d %-10s %s" % (f["fd"], f["kind"], f.get("path", "")))
+        click.echo("    %3d %-10s %s" % (f["fd"], P(f["kind"]), P(f.get("path", ""))))
 
 
 @main.command()
@@ -191,11 +198,15 @@ def unlock(pid):
 @main.command()
 @click.argument("image", type=click.Path())
 def verify(image):
-    """Check every checksum of an image; exit non-zero on damage."""
+    """Check every checksum of an image, and its metadata; exit non-zero on damage."""
+    from ckpt.errors import ImageError
     from ckpt.image.reader import ImageReader
     try:
         with ImageReader(image) as r:
             res = r.verify()
+            missing = [k for k in ("process", "threads", "mappings", "fds") if k not in r.metas()]
+        if missing:
+            raise ImageError("%s: incomplete image: no %s record" % (image, ", ".join(missing)))
     except CkptError as e:
         _fail(e)
     click.echo("%s: ok (%d records, %d bytes)" % (image, res["records"], res["bytes"]))

@@ -321,3 +321,16 @@ def wait_armed(target, timeout=READY_TIMEOUT, ckpt_proc=None):
             return False
         time.sleep(0.005)
     raise AssertionError("ckpt never armed %d" % target.pid)
+
+
+@pytest.fixture
+def nobody_dir():
+    """A directory of nobody's, reachable by nobody (pytest's tmp_path is root's, mode 0700):
+    for the files of a target that runs as nobody, which restore opens with nobody's rights."""
+    import shutil
+    import tempfile
+    d = tempfile.mkdtemp(prefix="ckpt-nobody-")
+    os.chmod(d, 0o755)
+    os.chown(d, NOBODY, NOBODY)
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)

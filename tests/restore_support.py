@@ -348,6 +348,9 @@ class Procs:
         else:
             out = os.open(str(stdout), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             err = os.open(str(stdout) + ".err", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            if user == "nobody":    # its own files, as if it had opened them itself
+                os.fchown(out, NOBODY, NOBODY)
+                os.fchown(err, NOBODY, NOBODY)
         try:
             p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=str(cwd),
                                  start_new_session=True)
@@ -433,13 +436,13 @@ def restore_ok(procs, img, *extra):
 
 
 def restore_attached(procs, img):
-    """`ckpt restore IMG` with its stdout a pipe of ours, which the restored process inherits
-    as its stdout; returns (pid, LineReader positioned after ckpt's own line)."""
+    """`ckpt restore IMG --shell-job` with its stdout a pipe of ours, which the restored process
+    inherits as its stdout; returns (pid, LineReader positioned after ckpt's own line)."""
     r, w = os.pipe()
     pid = image_meta(img)["process"]["pid"]
     procs.adopt(pid)
     try:
-        p = procs.popen_ckpt("restore", img, "--json", stdout=w)
+        p = procs.popen_ckpt("restore", img, "--json", "--shell-job", stdout=w)
     finally:
         os.close(w)
     reader = LineReader(r)

@@ -262,9 +262,9 @@ CREDS_ARGS = (2, 1000, 50, 8, 900, 0)
 CRED_FIELDS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs")
 
 
-def test_unprivileged_target_gets_no_more_privilege(procs, tmp_path):
+def test_unprivileged_target_gets_no_more_privilege(procs, tmp_path, nobody_dir):
     ref = reference("compute", *_ungated(CREDS_ARGS, 4))
-    out = tmp_path / "out"
+    out = nobody_dir / "out"
     p, _ = procs.start("compute", *CREDS_ARGS, stdout=out, user="nobody")
     wait_file_line(out, _has_iter, proc=p)
     before = {tid: {k: status(p.pid, tid)[k] for k in CRED_FIELDS} for tid in tids(p.pid)}
@@ -326,7 +326,7 @@ def test_foreground_exit_status_is_the_processes(procs, tmp_path):
     dump(p.pid, img)
     reap_killed(p)
     before = list(reader.lines) + reader.read_all()      # everything the original printed
-    ck = procs.popen_ckpt("restore", img, "--foreground", "--json")
+    ck = procs.popen_ckpt("restore", img, "--foreground", "--json", "--shell-job")
     procs.adopt(p.pid)
     lines, res = [], None
     ckout = LineReader(ck.stdout.fileno())
@@ -352,7 +352,8 @@ def test_foreground_exit_status_is_the_processes(procs, tmp_path):
 
 
 def test_terminal_stdout_is_reattached(procs, tmp_path):
-    """stdout a terminal: the restored process writes to ckpt restore's terminal."""
+    """stdout a terminal: with --shell-job the restored process writes to ckpt restore's
+    terminal."""
     ref = reference("compute", *_ungated(OPTS_ARGS, 4))
     m1, s1 = os.openpty()
     try:
@@ -373,7 +374,7 @@ def test_terminal_stdout_is_reattached(procs, tmp_path):
     procs.fds.append(new)
     procs.adopt(p.pid)
     try:
-        ck = procs.popen_ckpt("restore", img, stdout=s2)
+        ck = procs.popen_ckpt("restore", img, "--shell-job", stdout=s2)
     finally:
         tty = os.ttyname(s2)
         os.close(s2)

@@ -271,6 +271,8 @@ class Dump:
         finally:
             injector.close()
         process_state["exe_file"] = exe_identity(self.pid)
+        for name in ("cwd", "root"):     # which directories: restore checks it gets the same ones back
+            process_state[name + "_file"] = _dir_identity(self.pid, name)
         fds = files.capture(self.pid, self.fdctx, self.described)
         mark("state")
         maps = procfs.read_maps(self.pid, with_identity=True)
@@ -392,6 +394,14 @@ class Dump:
                     self.writer.abort()
                 if hasattr(self, "_pm"):
                     self._pm.close()
+
+
+def _dir_identity(pid, name):
+    try:
+        st = os.stat(procfs.proc(pid, name))
+    except OSError as e:
+        raise TargetError("process %d: its %s directory cannot be read: %s" % (pid, name, e.strerror)) from None
+    return {"dev": st.st_dev, "inode": st.st_ino}
 
 
 def _privileged(pid):

@@ -16,8 +16,9 @@ are attached to ckpt's own, the way `criu --shell-job` treats a shell job.
 import ctypes
 import functools
 import os
+import struct
 
-from ckpt.errors import TargetError, TargetGone
+from ckpt.errors import RestoreError, TargetError, TargetGone
 from ckpt.files.base import (AT_FDCWD, FdStat, F_SETFD, F_SETFL, O_ACCMODE, O_CLOEXEC, FdKind, FreezeContext,  # noqa: F401
                              OpenFd, Table, _run_all)
 from ckpt.files.pipe import Pipe
@@ -171,25 +172,45 @@ def capture(pid, ctx, described=None):
     return table
 
 
-def restore_fds(remote, table_entries, options=None):
-    """Rebuild the fd table of the restored process (a copy of ckpt: it holds ckpt's fds)."""
+# what a kind's restore step raises on an image entry with a missing or mistyped field
+_DATA_ERRORS = (LookupError, TypeError, ValueError, AttributeError, OverflowError, struct.error)
+
+
+def _kind_call(e, fn, *args):
+    """fn(*args), a kind's restore step on entry e: malformed image data becomes one
+    RestoreError naming the fd and its kind instead of a traceback."""
+    try:
+        return fn(*args)
+    except _DATA_ERRORS as x:
+        raise RestoreError("fd %s (%s): malformed image entry (%s: %s)"
+                           % (e.get("fd"), e.get("kind"), type(x).__name__, str(x)[:200])) from None
+
+
+def restore_fds(remote, table_entries, options=None, paths=None):
+    """Rebuild the fd table of the restored process (a copy of ckpt: it holds ckpt's fds).
+    paths: the plan's PathOpener, holding every file the entries name, opened and checked."""
     remote.call(sysno.close_range, 3, 0xFFFFFFFF, 0, what="close_range")
-    keep = {e["fd"] for e in table_entries if e.get("inherit")}
+    remote.forget_fds()
+    shell_job = bool(options and options.shell_job)
+    keep = {e["fd"] for e in table_entries if e.get("inherit") and shell_job}
     for std in (0, 1, 2):
         if std not in keep:
             remote.call(sysno.close, std, ok_errors=(9,))
     base = max([e["fd"] for e in table_entries] + [2]) + 1
     table = Table(remote, base, options)
     table.entries = table_entries
+    table.paths = paths
     placed = []
     for e in table_entries:
-        if e.get("inherit"):
+        if e["fd"] in keep:
             continue
         if e.get("shares") in table.placed:
             placed.append((e, table.placed[e["shares"]]))    # one open file: dup2 of the same object
             continue
-        kind = BY_NAME.get(e["kind"], FdKind)
-        fd = kind.create(remote, e, table)
+        if e.get("inherit"):
+            fd = table.take_path(e)     # a standard stream leading out: see _prepare_outside
+        else:
+            fd = _kind_call(e, BY_NAME.get(e["kind"], FdKind).create, remote, e, table)
         if fd < base:
             fd = table.park(fd)
         table.placed[e["fd"]] = fd
@@ -199,21 +220,56 @@ def restore_fds(remote, table_entries, options=None):
         remote.call(sysno.dup2, fd, n, what="dup2 onto fd %d" % n)
         remote.call(sysno.fcntl, n, F_SETFL, e["flags"] & ~(O_ACCMODE | O_CLOEXEC), what="fcntl(F_SETFL) of fd %d" % n)
         remote.call(sysno.fcntl, n, F_SETFD, 1 if e["flags"] & O_CLOEXEC else 0, what="fcntl(F_SETFD) of fd %d" % n)
-        if e["kind"] == "file" and e["pos"]:
+        if e["kind"] == "file" and e["pos"] and not e.get("inherit"):
             remote.call(sysno.lseek, n, e["pos"], 0, what="lseek of fd %d" % n)
     for fd in set(table.parked):
         remote.call(sysno.close, fd, ok_errors=(9,))
+    remote.forget_fds()
     finishing = sorted((BY_NAME.get(e["kind"], FdKind).finish_order, i, e) for i, (e, _) in enumerate(placed)
-                       if "shares" not in e)
+                       if "shares" not in e and not e.get("inherit"))
     for _, _, e in finishing:
-        BY_NAME[e["kind"]].finish(remote, e, table)
+        _kind_call(e, BY_NAME[e["kind"]].finish, remote, e, table)
 
 
-def precheck(table_entries):
-    """At restore, before anything is created: each kind checks that its objects can be made."""
+DEV_NULL = {"path": "/dev/null", "rdev": os.makedev(1, 3)}
+
+
+def _prepare_outside(e, paths, options):
+    """A standard stream that led out of the process (a terminal, or a pipe or socket whose
+    other end is elsewhere). With --shell-job it becomes ckpt's own stream, as in CRIU. Without:
+    a terminal is reopened by its path, as the process, if it is still the same device (else
+    refused: ckpt never hands its own terminal over unasked); a pipe or socket, whose other
+    end is gone with the dump, becomes /dev/null, with a warning."""
+    if options is not None and options.shell_job:
+        return
+    n = e["fd"]
+    if e.get("tty"):
+        try:
+            paths.open(("fd", n), e["path"], e["flags"], {"rdev": e["rdev"]}, "fd %d: terminal" % n, kind="chardev")
+        except RestoreError as err:
+            raise RestoreError("%s; restore with --shell-job to give the process ckpt's own terminal instead"
+                               % err) from None
+        return
+    paths.open(("fd", n), DEV_NULL["path"], e["flags"], DEV_NULL, "fd %d: /dev/null" % n, kind="chardev")
+    if options is not None:
+        options.warn("fd %d (%s, leading out of the process) comes back on /dev/null; "
+                     "--shell-job gives the process ckpt's own streams" % (n, e["kind"]))
+
+
+def precheck(table_entries, paths=None, options=None):
+    """At restore, before anything is created: each kind checks that its objects can be made,
+    and opens (as the process) and checks the paths they name."""
     for e in table_entries:
-        if not e.get("inherit") and "shares" not in e:
-            BY_NAME.get(e["kind"], FdKind).precheck(e)
+        if "shares" in e:
+            continue
+        if e.get("inherit"):
+            if paths is not None:
+                _prepare_outside(e, paths, options)
+            continue
+        kind = BY_NAME.get(e["kind"], FdKind)
+        _kind_call(e, kind.precheck, e)
+        if paths is not None:
+            _kind_call(e, kind.prepare, e, paths, options)
 
 
 def restored(metas, ok):

@@ -29,7 +29,6 @@ O_DIRECTORY = 0o200000
 O_NONBLOCK = 0o4000
 F_DUPFD, F_SETFD, F_SETFL = 0, 2, 4
 AT_FDCWD = -100
-_OPEN_MASK = ~(O_CREAT | O_EXCL | O_NOCTTY | O_TRUNC | O_CLOEXEC)
 
 
 class FdKind:
@@ -43,6 +42,9 @@ class FdKind:
                                    numbers); runs in the frozen phase, may register undo actions
     precheck(entry)             at restore, before anything is created: raise RestoreError naming
                                    what is in the way (a port or path taken, a file gone)
+    prepare(entry, paths, options) at restore, before anything is created: open and check the
+                                   paths the entry names (paths: ckpt/restore/paths.PathOpener,
+                                   which opens with the process's rights); create() takes them
     create(remote, entry, table)-> the fd number of the new object in the restored process
     finish(remote, entry, table) after every fd is in place (epoll sets, sockets going live)
     restored(metas, ok)         once, after the whole restore succeeded (ok) or failed
@@ -72,6 +74,10 @@ class FdKind:
 
     @classmethod
     def precheck(cls, entry):
+        pass
+
+    @classmethod
+    def prepare(cls, entry, paths, options):
         pass
 
     @classmethod
@@ -219,13 +225,6 @@ def _run_all(fns):
         raise errors[0]
 
 
-def open_remote(remote, path, flags):
-    """openat() in the restored process."""
-    remote.reset()
-    return remote.call(sysno.openat, AT_FDCWD, remote.put_str(path), flags & _OPEN_MASK, 0,
-                       what="opening %s" % path)
-
-
 class Table:
     """Objects created so far in the restored process, parked above every target number."""
 
@@ -237,7 +236,7 @@ class Table:
         self.entries = []       # every entry of the image's fd table (for kinds that make groups)
         self.parked = []
         self.placed = {}        # target fd number -> parked fd of its object, once created
-        self._ckpt_pidfd = None
+        self.paths = None       # the plan's PathOpener: files opened and checked up front
 
     def park(self, fd):
         high = self.remote.call(sysno.fcntl, fd, F_DUPFD, self.base, what="fcntl(F_DUPFD)")
@@ -246,15 +245,18 @@ class Table:
         return high
 
     def adopt(self, local_fd, what="an fd"):
-        """Hand an object made in ckpt (local_fd, closed here) to the restored process: it takes
-        it with pidfd_getfd. Returns its (parked) fd number there."""
+        """Hand an object made or opened in ckpt (local_fd, closed here) to the restored
+        process: it takes it with pidfd_getfd. Returns its (parked) fd number there."""
         try:
-            if self._ckpt_pidfd is None:
-                self._ckpt_pidfd = self.remote.call(sysno.pidfd_open, os.getpid(), 0,
-                                                    what="pidfd_open of the restorer")
-                self.parked.append(self._ckpt_pidfd)
-            fd = self.remote.call(sysno.pidfd_getfd, self._ckpt_pidfd, local_fd, 0,
-                                  what="taking %s from the restorer (pidfd_getfd)" % what)
+            fd = self.remote.take(local_fd, what)
+            r = self.remote
+            if r.ckpt_pidfd < self.base and r.ckpt_pidfd not in self.parked:
+                r.ckpt_pidfd = self.park(r.ckpt_pidfd)   # out of the way of the image's fd numbers
         finally:
             os.close(local_fd)
         return self.park(fd) if fd < self.base else fd
+
+    def take_path(self, entry, what=None):
+        """The file, directory or device the plan opened and checked for this entry (see
+        ckpt/restore/paths.py), handed to the restored process."""
+        return self.adopt(self.paths.take(("fd", entry["fd"])), what or "fd %d (%s)" % (entry["fd"], entry.get("path")))

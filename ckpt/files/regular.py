@@ -1,9 +1,13 @@
-"""Regular files, directories and character devices: reopened by path at restore."""
+"""Regular files, directories and character devices: reopened by path at restore.
+
+The plan opens each one up front, with the process's own rights, without following symbolic
+links, and checks it is the same file as at the dump (ckpt/restore/paths.py); create() hands
+that open file to the restored process.
+"""
 import os
 import stat
 
-from ckpt.errors import RestoreError
-from ckpt.files.base import O_DIRECTORY, O_NOCTTY, FdKind, open_remote
+from ckpt.files.base import O_ACCMODE, O_WRONLY, FdKind
 
 
 class RegularFile(FdKind):
@@ -26,10 +30,22 @@ class RegularFile(FdKind):
         return None
 
     @classmethod
+    def capture(cls, f, entry, ctx):
+        # size and mtime as they are at the freeze instant (the description may be older)
+        entry["size"], entry["mtime_ns"] = f.st.st_size, f.st.st_mtime_ns
+
+    @classmethod
+    def prepare(cls, entry, paths, options):
+        # a file the process only writes (a log, its stdout) may have grown since: what the
+        # process computes does not depend on it. A file it reads must be as it was, unless
+        # the restore is told otherwise (--allow-file-change)
+        write_only = entry["flags"] & O_ACCMODE == O_WRONLY
+        paths.open(("fd", entry["fd"]), entry["path"], entry["flags"], entry, "fd %d: file" % entry["fd"],
+                   content=False if write_only else None)
+
+    @classmethod
     def create(cls, remote, entry, table):
-        if not os.path.exists(entry["path"]):
-            raise RestoreError("fd %d: file %s no longer exists" % (entry["fd"], entry["path"]))
-        return open_remote(remote, entry["path"], entry["flags"])
+        return table.take_path(entry)
 
 
 class Directory(FdKind):
@@ -41,8 +57,17 @@ class Directory(FdKind):
         return f.st is not None and stat.S_ISDIR(f.st.st_mode)
 
     @classmethod
+    def describe(cls, f):
+        return {"path": f.link, "dev": f.st.st_dev, "inode": f.st.st_ino}
+
+    @classmethod
+    def prepare(cls, entry, paths, options):
+        paths.open(("fd", entry["fd"]), entry["path"], entry["flags"], entry, "fd %d: directory" % entry["fd"],
+                   kind="dir")
+
+    @classmethod
     def create(cls, remote, entry, table):
-        return open_remote(remote, entry["path"], entry["flags"] | O_DIRECTORY)
+        return table.take_path(entry)
 
 
 class CharDevice(FdKind):
@@ -58,11 +83,24 @@ class CharDevice(FdKind):
         return {"path": f.link, "rdev": f.st.st_rdev, "tty": os.major(f.st.st_rdev) in (4, 5, 136)}
 
     @classmethod
+    def prepare(cls, entry, paths, options):
+        n = entry["fd"]
+        if entry.get("tty") and options is not None and options.shell_job:
+            return      # ckpt's own terminal, asked for
+        try:
+            paths.open(("fd", n), entry["path"], entry["flags"], entry, "fd %d: %s" % (n, "terminal" if entry.get("tty")
+                                                                                        else "device"), kind="chardev")
+        except Exception as e:
+            if entry.get("tty"):
+                raise type(e)("%s; restore with --shell-job to give the process ckpt's own terminal instead"
+                              % e) from None
+            raise
+
+    @classmethod
     def create(cls, remote, entry, table):
-        if entry.get("tty"):
-            # a terminal other than the standard streams: ckpt's terminal, if it has one
+        if entry.get("tty") and table.options is not None and table.options.shell_job:
             for std in (0, 1, 2):
                 if os.isatty(std):
-                    return open_remote(remote, os.ttyname(std), entry["flags"] | O_NOCTTY)
-            return open_remote(remote, "/dev/null", entry["flags"])
-        return open_remote(remote, entry["path"], entry["flags"])
+                    return table.adopt(os.dup(std), what="ckpt's terminal")
+            return table.adopt(os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC), what="/dev/null")
+        return table.take_path(entry)

@@ -25,6 +25,8 @@ from ckpt.kernel import procfs, sysno
 from ckpt.kernel.native import PAGE_SIZE, lib
 from ckpt.kernel.ptrace import _call
 from ckpt.kernel.ptrace import find_syscall_insn
+from ckpt.restore.creds import acting_as, cap_bits, CAP_NET_ADMIN
+from ckpt.restore.paths import O_PATH, PathOpener
 from ckpt.restore.remote import SCRATCH_SIZE, Remote
 from ckpt import files
 from ckpt.state import process, threads
@@ -47,6 +49,8 @@ class RestoreOptions:
     pidfile: Optional[str] = None
     foreground: bool = False
     tcp_close: bool = False     # established TCP connections come back closed (the peer sees a reset)
+    shell_job: bool = False     # standard streams and terminals that led out: ckpt's own (as CRIU's --shell-job)
+    allow_file_change: bool = False     # open files may differ in size/mtime from the dump (mapped files never)
     warn: Callable = print
 
 
@@ -57,8 +61,10 @@ def _prot(perms):
 class Plan:
     """Everything restore needs, read and checked before anything is created."""
 
-    def __init__(self, path):
+    def __init__(self, path, opts=None):
+        self.opts = opts if opts is not None else RestoreOptions()
         self.reader = ImageReader(path)
+        self.paths = None
         try:
             self.reader.check_compatible()
             self.reader.verify(decompress=False)
@@ -72,11 +78,13 @@ class Plan:
             self.fds = m["fds"]
             self.metas = m
             self.pid = self.proc["pid"]
-            self._check_files()
-            files.precheck(self.fds)
+            self.trusted = image_trust(path, self.reader.f.fileno(), self.proc, self.fds, self.opts)
+            self.paths = PathOpener(self.proc["creds"], check_content=not self.opts.allow_file_change)
+            self._open_files()
+            files.precheck(self.fds, self.paths, self.opts)
             self._check_pids()
         except BaseException:
-            self.reader.close()
+            self.close()
             if getattr(self, "metas", None) is not None:
                 try:    # what the dump left held for the restore (the network lock) is let go
                     files.restored(self.metas, ok=False)
@@ -84,28 +92,23 @@ class Plan:
                     pass
             raise
 
-    def _check_files(self):
-        seen = set()
+    def _open_files(self):
+        """Every path the process is rebuilt from, opened now (as the process, no symbolic link
+        followed) and checked to be the file that was there at the dump: mapped files once per
+        access mode, the executable, the working and root directories. The fd table's files
+        are opened by their kinds (prepare)."""
+        p = self.proc
         for m in self.maps:
-            fid = m.get("file")
-            if m["kind"] not in ("file-private", "file-shared") or not fid or m["path"] in seen:
+            if m["kind"] not in ("file-private", "file-shared") or _deleted(m):
                 continue
-            seen.add(m["path"])
-            _check_identity(m["path"], fid, "mapped file")
-        exe = self.proc.get("exe_file")
-        if exe:
-            _check_identity(self.proc["exe"], exe, "executable")
-        if not os.path.isdir(self.proc["cwd"]):
-            raise RestoreError("working directory %s no longer exists" % self.proc["cwd"])
-        # files, directories and devices the fds are reopened from: checked here, before the
-        # process exists, rather than half-way through building it
-        for e in self.fds:
-            if e.get("inherit") or e["kind"] not in ("file", "dir", "chardev") or e.get("tty"):
-                continue
-            if not os.path.exists(e["path"]):
-                raise RestoreError("fd %d: %s %s no longer exists (it was open at the dump)"
-                                   % (e["fd"], {"dir": "directory", "chardev": "device"}.get(e["kind"], "file"),
-                                      e["path"]))
+            fid = m.get("file") or {}
+            mode = _map_mode(m)
+            self.paths.open(("map", m["path"], mode), m["path"], mode, fid, "mapped file", content=True)
+        if p.get("exe_file"):
+            self.paths.open("exe", p["exe"], O_RDONLY, p["exe_file"], "executable", content=True)
+        self.paths.open("cwd", p["cwd"], O_PATH, p.get("cwd_file") or {}, "working directory", kind="dir")
+        if p.get("root", "/") != "/":
+            self.paths.open("root", p["root"], O_PATH, p.get("root_file") or {}, "root directory", kind="dir")
 
     def _check_pids(self):
         for t in self.threads:
@@ -116,7 +119,61 @@ class Plan:
                                    % (t["tid"], owner, "" if t["tid"] == self.pid else " and thread IDs"))
 
     def close(self):
+        if self.paths is not None:
+            self.paths.close()
         self.reader.close()
+
+
+def _map_mode(m):
+    return O_RDWR if (m["kind"] == "file-shared" and "w" in m["perms"]) else O_RDONLY
+
+
+CAP_SETS = ("cap_eff", "cap_prm", "cap_inh", "cap_amb")
+
+
+def image_trust(path, fd, proc, fds, opts):
+    """Who may restore what (README, "What restore trusts"). Run as root, restore trusts an
+    image as a whole only when the image file is root's and nobody else may write it: then
+    it was made by root (a dump writes 0600) and is restored as dumped. Any other image may
+    have been edited by its owner, so it is restored only as its owner could run it: every
+    uid and gid the owner's, groups among the owner's, no capability, no root directory of
+    its own (chroot), no TCP repair. Returns True when trusted."""
+    if os.geteuid() != 0:
+        return True     # restore cannot give more than ckpt has
+    st = os.fstat(fd)
+    if st.st_uid == 0 and not st.st_mode & 0o022:
+        return True
+    creds = proc["creds"]
+    owner = st.st_uid
+    why = None
+    try:
+        import pwd
+        pw = pwd.getpwuid(owner)
+        own_gids = {st.st_gid, pw.pw_gid}
+        own_groups = set(os.getgrouplist(pw.pw_name, pw.pw_gid))
+    except KeyError:
+        own_gids, own_groups = {st.st_gid}, {st.st_gid}
+    if st.st_uid == 0:
+        why = "it is writable by %s" % ("group and others" if st.st_mode & 0o022 == 0o022 else
+                                        "its group" if st.st_mode & 0o020 else "others")
+    elif any(u != owner for u in creds["uid"]):
+        why = "it asks for uids %s, its owner is uid %d" % ("/".join(map(str, creds["uid"])), owner)
+    elif any(g not in own_gids for g in creds["gid"]):
+        why = "it asks for gids %s, not its owner's" % "/".join(map(str, creds["gid"]))
+    elif set(creds.get("groups") or []) - own_groups:
+        why = "it asks for groups %s, not its owner's" % sorted(set(creds["groups"]) - own_groups)
+    elif any(cap_bits(creds, k) for k in CAP_SETS):
+        why = "it asks for capabilities (%s)" % ", ".join("%s %s" % (k, creds[k]) for k in CAP_SETS
+                                                         if cap_bits(creds, k))
+    elif proc.get("root", "/") != "/":
+        why = "it asks for a root directory of its own (%s)" % proc["root"]
+    elif not opts.tcp_close and any(e.get("kind") == "tcp" for e in fds):
+        why = "it asks for established TCP connections, which need TCP repair (use --tcp-close)"
+    if why:
+        raise RestoreError("%s: refused: the image file is not root's own private file (owner uid %d, mode %o) "
+                           "and %s; as root, restore trusts such an image only with its owner's own credentials"
+                           % (path, owner, st.st_mode & 0o7777, why))
+    return False
 
 
 def _wait_reaped(pid, timeout=3.0):
@@ -129,16 +186,6 @@ def _wait_reaped(pid, timeout=3.0):
         except CkptError:
             return
         time.sleep(0.01)
-
-
-def _check_identity(path, fid, what):
-    try:
-        st = os.stat(path)
-    except OSError:
-        raise RestoreError("%s %s is missing (it was mapped at the dump)" % (what, path)) from None
-    if st.st_size != fid["size"] or st.st_mtime_ns != fid["mtime_ns"] or st.st_ino != fid["inode"]:
-        raise RestoreError("%s %s changed since the dump (size %d -> %d, mtime or inode differ)"
-                           % (what, path, fid["size"], st.st_size))
 
 
 # ------------------------------------------------------------------------------- build
@@ -296,12 +343,11 @@ class Builder:
             opened[key] = fd
         for m in self.plan.maps:
             k = m["kind"]
-            if k not in ("file-private", "file-shared") or m["path"] in opened or (k == "file-private" and _deleted(m)):
+            if k not in ("file-private", "file-shared") or _deleted(m):
                 continue
-            r.reset()
-            mode = O_RDWR if (k == "file-shared" and "w" in m["perms"]) else O_RDONLY
-            opened[m["path"]] = r.call(sysno.openat, files.AT_FDCWD, r.put_str(m["path"]), mode | files.O_CLOEXEC, 0,
-                                       what="opening %s" % m["path"])
+            key = ("map", m["path"], _map_mode(m))
+            if key not in opened:
+                opened[key] = r.take(self.plan.paths.get(key), what="the mapped file %s" % m["path"])
         for m in self.plan.maps:
             k = m["kind"]
             size = m["end"] - m["start"]
@@ -319,12 +365,14 @@ class Builder:
             else:
                 share = MAP_SHARED if k == "file-shared" else MAP_PRIVATE
                 calls.append((sysno.mmap, (m["start"], size, prot, share | MAP_FIXED_NOREPLACE,
-                                           opened[m["path"]], m["offset"])))
+                                           opened[("map", m["path"], _map_mode(m))], m["offset"])))
         results = r.many(calls, what=lambda nr, a: "mmap at %#x" % a[0])
         for (nr, a), got in zip(calls, results):
             if got != a[0]:
                 raise RestoreError("mmap at %#x landed at %#x" % (a[0], got))
         self.opened_fds = list(opened.values())
+        if r.ckpt_pidfd is not None:
+            self.opened_fds.append(r.ckpt_pidfd)
 
     def _patch_pages(self):
         """Write the pages whose content differs from their source, in large batches."""
@@ -378,20 +426,45 @@ class Builder:
     def _process_state(self):
         r = self.remote
         p = self.plan.proc
+        paths = self.plan.paths
         exe_fd = -1
-        if not _same_file("/proc/%d/exe" % self.pid, p["exe"]):
+        if "exe" in paths.held and not _same_file("/proc/%d/exe" % self.pid, paths.get("exe")):
             # the kernel refuses to change the exe link while the old exe is mapped: when the
             # restorer's own exe is the image's (python3 restoring python3) it is right already
-            r.reset()
-            exe_fd = r.call(sysno.openat, files.AT_FDCWD, r.put_str(p["exe"]), O_RDONLY | files.O_CLOEXEC, 0,
-                            what="opening the executable %s" % p["exe"])
+            exe_fd = r.take(paths.get("exe"), what="the executable %s" % p["exe"])
         process.restore_mm(r, p, exe_fd)
-        r.many([(sysno.close, (fd,)) for fd in self.opened_fds + ([exe_fd] if exe_fd >= 0 else [])], what="close")
+        # from here on the process opens nothing with root's rights: its file ids and groups are
+        # its own (bound unix socket names, connections to them); the rest follows last
+        self._process_file_ids()
+        cwd = r.take(paths.get("cwd"), what="the working directory %s" % p["cwd"])
+        if "root" in paths.held:
+            root = r.take(paths.get("root"), what="the root directory %s" % p["root"])
+            r.call(sysno.fchdir, root, what="fchdir to the root directory %s" % p["root"])
+            r.reset()
+            r.call(sysno.chroot, r.put_str("."), what="chroot to %s" % p["root"])
+            r.call(sysno.close, root)
+        r.call(sysno.fchdir, cwd, what="fchdir to %s" % p["cwd"])
+        r.many([(sysno.close, (fd,)) for fd in self.opened_fds + [cwd] + ([exe_fd] if exe_fd >= 0 else [])],
+               what="close")
         process.restore_process(r, p)
         # fds before rlimits: objects are parked above every fd number of the image, which a low
-        # RLIMIT_NOFILE of the process would refuse
-        files.restore_fds(r, self.plan.fds, self.opts)
+        # RLIMIT_NOFILE of the process would refuse. Objects ckpt makes itself (sockets, timers)
+        # are made with the process's rights too (CAP_NET_ADMIN on top, for TCP repair)
+        extra = (CAP_NET_ADMIN,) if self.plan.trusted else ()
+        with acting_as(p["creds"], extra_caps=extra):
+            files.restore_fds(r, self.plan.fds, self.opts, paths)
         process.restore_rlimits(self.pid, p, self.opts.warn)
+
+    def _process_file_ids(self):
+        """The restored process's groups and file uid/gid become the dumped ones (the file
+        capabilities of root go with a non-zero fsuid), ahead of its full credentials."""
+        r = self.remote
+        creds = self.plan.proc["creds"]
+        groups = creds["groups"]
+        r.reset()
+        r.many([(sysno.setgroups, (len(groups), r.put(struct.pack("<%dI" % len(groups), *groups)) if groups else 0)),
+                (sysno.setfsgid, (creds["gid"][3],)), (sysno.setfsuid, (creds["uid"][3],))],
+               what=lambda nr, a: "setting the file ids (%d)" % nr)
 
     def _threads(self):
         r = self.remote
@@ -432,9 +505,9 @@ class Builder:
             t.detach()
 
 
-def _same_file(a, b):
+def _same_file(a, fd):
     try:
-        sa, sb = os.stat(a), os.stat(b)
+        sa, sb = os.stat(a), os.fstat(fd)
     except OSError:
         return False
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
@@ -445,7 +518,7 @@ def _deleted(m):
 
 
 def restore(path, opts):
-    plan = Plan(path)
+    plan = Plan(path, opts)
     try:
         try:
             res = Builder(plan, opts).run()
@@ -458,9 +531,9 @@ def restore(path, opts):
         files.restored(plan.metas, ok=True)
     finally:
         plan.close()
-    if opts.pidfile:
-        with open(opts.pidfile, "w") as f:
-            f.write("%d\n" % res["pid"])
+    if opts.pidfile:    # a new file renamed into place: never through a symlink, never half-written
+        from ckpt.outfile import write_file
+        write_file(opts.pidfile, b"%d\n" % res["pid"], mode=0o644, what="PID file")
     return res
 
 

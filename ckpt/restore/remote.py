@@ -20,6 +20,7 @@ class Remote:
         self._next = 0
         self.mem = MemIO(pid, write=True)
         self.calls = 0
+        self.ckpt_pidfd = None      # the restored process's pidfd of ckpt, for take()
 
     def close(self):
         self.mem.close()
@@ -39,6 +40,19 @@ class Remote:
                 label = what if isinstance(what, str) else (what(nr, args) if what else "syscall %d" % nr)
                 raise RestoreError("%s failed in the restored process: %s" % (label, os.strerror(-r)))
         return results
+
+    def take(self, local_fd, what="an fd"):
+        """The restored process takes ckpt's open file local_fd (pidfd_getfd): the very object
+        ckpt opened or made, not something found again by name. Returns its fd number there."""
+        from ckpt.kernel import sysno
+        if self.ckpt_pidfd is None:
+            self.ckpt_pidfd = self.call(sysno.pidfd_open, os.getpid(), 0, what="pidfd_open of the restorer")
+        return self.call(sysno.pidfd_getfd, self.ckpt_pidfd, local_fd, 0,
+                         what="taking %s from the restorer (pidfd_getfd)" % what)
+
+    def forget_fds(self):
+        """The restored process's fds above 2 were closed (close_range): its pidfd of ckpt too."""
+        self.ckpt_pidfd = None
 
     # -- scratch -----------------------------------------------------------------------
     def set_scratch(self, addr):

@@ -95,7 +95,7 @@ def restore_mm(remote, d, exe_fd):
 
 
 def restore_process(remote, d):
-    """Signal handlers (every signal: dumped or default), interval timers, umask, cwd, group."""
+    """Signal handlers (every signal: dumped or default), interval timers, umask, group."""
     from ckpt.kernel import sysno
     remote.reset()
     calls = []
@@ -113,8 +113,8 @@ def restore_process(remote, d):
         if tm:
             calls.append((sysno.setitimer, (which, remote.put(struct.pack("<qqqq", *tm["interval"], *tm["value"])), 0)))
     calls.append((sysno.umask, (d["umask"],)))
-    calls.append((sysno.chdir, (remote.put_str(d["cwd"]),)))
-    remote.many(calls, what=lambda nr, a: {sysno.chdir: "chdir to %s" % d["cwd"]}.get(nr, "syscall %d" % nr))
+    # the working directory is set by the builder, from the directory the plan opened and checked
+    remote.many(calls, what=lambda nr, a: "syscall %d" % nr)
     if d["sid"] == d["pid"]:
         remote.call(sysno.setsid, what="setsid")
     elif d["pgid"] == d["pid"]:
