@@ -54,3 +54,8 @@ LZ4 = 1
 COMP_NAMES = {"none": NONE, "lz4": LZ4}
 
 assert REC_SIZE == 32
+
+# what a reader accepts: ckpt writes page records of at most 8 MiB of pages (ckpt.dump.copy.CHUNK)
+MAX_RECORD_BYTES = 64 << 20
+# metadata and round records, once decompressed (ckpt writes them uncompressed)
+MAX_META_BYTES = 64 << 20

@@ -1,5 +1,6 @@
 """`ckpt info`: an image described for people and tools."""
 import bisect
+import unicodedata
 
 from ckpt.image import format as fmt
 from ckpt.image.reader import ImageReader
@@ -32,3 +33,21 @@ def describe(path):
             "mappings": maps, "fds": metas.get("fds", []), "dump": metas.get("dump", {}),
             "pages": total, "zero_pages": zero, "payload_bytes": payload, "records": len(r.records),
         }
+
+
+def printable(s):
+    """A string from an image made safe for a terminal: control and format characters (ESC,
+    newline, bidi overrides ...), lone surrogates and backslashes escaped, as in Python's
+    repr; everything else as it is."""
+    if not isinstance(s, str):
+        s = str(s)
+    out = []
+    for c in s:
+        o = ord(c)
+        if c == "\\":
+            out.append("\\\\")
+        elif unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+            out.append("\\x%02x" % o if o < 0x100 else "\\u%04x" % o if o < 0x10000 else "\\U%08x" % o)
+        else:
+            out.append(c)
+    return "".join(out)

@@ -4,12 +4,17 @@ from collections import OrderedDict
 import json
 import os
 import platform
+import re
 import zlib
 
 import lz4.frame
 
 from ckpt.errors import ImageError
 from ckpt.image import format as fmt
+from ckpt.image import schema
+
+
+_META_NAME = re.compile(rb'\s*\{\s*"name"\s*:\s*"([A-Za-z0-9_.-]{1,64})"')
 
 
 class Record:
@@ -25,17 +30,28 @@ class Record:
 
 
 class ImageReader:
-    def __init__(self, path):
+    """An image, read from `path`, or with fd= from an open file (a duplicate of fd is used:
+    the image being written, checked before it gets its name); path then only names it."""
+
+    def __init__(self, path, fd=None):
         self.path = path
+        if fd is not None:
+            self.f = os.fdopen(os.dup(fd), "rb", buffering=0)
+        else:
+            try:
+                self.f = open(path, "rb", buffering=0)
+            except FileNotFoundError:
+                raise ImageError("%s: no such file" % path) from None
+            except IsADirectoryError:
+                raise ImageError("%s: is a directory, not an image" % path) from None
+        self.fd = self.f.fileno()
         try:
-            self.f = open(path, "rb")
-        except FileNotFoundError:
-            raise ImageError("%s: no such file" % path) from None
-        except IsADirectoryError:
-            raise ImageError("%s: is a directory, not an image" % path) from None
-        self.size = os.fstat(self.f.fileno()).st_size
-        self._read_header()
-        self._read_footer()
+            self.size = os.fstat(self.fd).st_size
+            self._read_header()
+            self._read_footer()
+        except BaseException:
+            self.f.close()
+            raise
         self._metas = None
         self._extents = None
 
@@ -50,8 +66,12 @@ class ImageReader:
 
     # -- structure ---------------------------------------------------------------
     def _pread(self, off, n):
-        self.f.seek(off)
-        data = self.f.read(n)
+        data = os.pread(self.fd, n, off) if n else b""
+        while 0 < len(data) < n:        # pread may return less than asked only at the end
+            more = os.pread(self.fd, n - len(data), off + len(data))
+            if not more:
+                break
+            data += more
         if len(data) != n:
             raise ImageError("%s: truncated: wanted %d bytes at offset %d, file is %d bytes"
                              % (self.path, n, off, self.size))
@@ -73,13 +93,30 @@ class ImageReader:
         (crc,) = fmt.REC_CRC.unpack(self._pread(end, 4))
         if zlib.crc32(head) != crc:
             raise ImageError("%s: corrupt header (checksum mismatch)" % self.path)
-        try:
-            self.header = json.loads(head[fmt.HEADER_FIXED.size:])
-        except ValueError:
-            raise ImageError("%s: corrupt header (not JSON)" % self.path) from None
+        self.header = self._json(head[fmt.HEADER_FIXED.size:], "header")
+        schema.check_header(self.path, self.header)
         self.header_bytes = head + fmt.REC_CRC.pack(crc)
         self.records_start = end + 4
-        self.page_size = self.header.get("page_size", 4096)
+        self.page_size = self.header["page_size"]
+
+    def _json(self, raw, what, inside=None):
+        """A JSON document of the image; malformed (not JSON, nested too deep) is one ImageError.
+        inside: the key of the document whose content the error's field names start from."""
+        try:
+            doc = json.loads(raw)
+        except RecursionError:
+            raise ImageError("%s: malformed image: %s: JSON nested too deeply" % (self.path, what)) from None
+        except ValueError as e:     # also bad UTF-8 and numbers of thousands of digits
+            raise ImageError("%s: malformed image: %s is not valid JSON (%s)"
+                             % (self.path, what, str(e).splitlines()[0][:100])) from None
+        deep = schema.too_deep(doc)
+        if deep is not None:
+            if inside is not None and deep[:1] == [inside]:
+                deep = deep[1:]
+            raise ImageError("%s: malformed image: %s, field %s: nested more than %d levels deep"
+                             % (self.path, what, schema.field_name(deep[:8]) + ("..." if len(deep) > 8 else ""),
+                                schema.MAX_DEPTH))
+        return doc
 
     def _read_footer(self):
         if self.size < self.records_start + fmt.FOOTER.size:
@@ -121,19 +158,70 @@ class ImageReader:
                              % (self.path, rec.type_name, rec.offset))
         return data
 
+    def data_size(self, rec):
+        """How many bytes a record's content must have once decompressed (for SCATTER: its
+        page data), as its header declares; for META and ROUND records: a ceiling."""
+        if rec.rtype in (fmt.PAGES, fmt.SCATTER):
+            return rec.npages * self.page_size
+        return fmt.MAX_META_BYTES
+
+    def _check_size(self, rec):
+        if rec.rtype in (fmt.PAGES, fmt.SCATTER) and rec.npages * self.page_size > fmt.MAX_RECORD_BYTES:
+            raise ImageError("%s: corrupt %s record at offset %d (declares %d pages, more than any record of "
+                             "ckpt holds)" % (self.path, rec.type_name, rec.offset, rec.npages))
+
+    def _data_part(self, rec, data):
+        if rec.rtype == fmt.SCATTER:
+            return data[self._scatter_table_len(data, rec):]
+        return data
+
+    def _check_frame_header(self, rec, data):
+        """The lz4 frame's own header, without decompressing: the size it claims (the writer
+        always stores it) must be the one the record declares."""
+        where = "%s: corrupt %s record at offset %d" % (self.path, rec.type_name, rec.offset)
+        try:
+            info = lz4.frame.get_frame_info(bytes(data[:32]))
+        except (RuntimeError, ValueError) as e:
+            raise ImageError("%s (not an lz4 frame: %s)" % (where, e)) from None
+        size = info.get("content_size") or 0
+        want = self.data_size(rec)
+        if rec.rtype in (fmt.PAGES, fmt.SCATTER) and not size:
+            raise ImageError("%s (its lz4 frame does not state its size)" % where)
+        if (rec.rtype in (fmt.PAGES, fmt.SCATTER) and size != want) or size > want:
+            raise ImageError("%s (its lz4 frame claims %d bytes, the record declares %d)" % (where, size, want))
+
+    def _decompress(self, rec, data):
+        """An lz4 frame decompressed in bounded memory: never more than the record declares
+        (+1 byte, to see that there is more)."""
+        where = "%s: corrupt %s record at offset %d" % (self.path, rec.type_name, rec.offset)
+        self._check_frame_header(rec, data)
+        want = self.data_size(rec)
+        d = lz4.frame.LZ4FrameDecompressor()
+        try:
+            out = d.decompress(data, max_length=want + 1)
+        except RuntimeError as e:
+            raise ImageError("%s (%s)" % (where, e)) from None
+        if len(out) > want:
+            raise ImageError("%s (its lz4 frame decompresses to more than the %d bytes the record declares)"
+                             % (where, want))
+        if not d.eof or d.unused_data:
+            raise ImageError("%s (%s)" % (where, "the lz4 frame is cut short" if not d.eof
+                                          else "bytes after the end of its lz4 frame"))
+        return out
+
     def payload(self, rec, check=True):
         """The record's content, decompressed (for SCATTER: its page data, without the run
-        table). check=False skips the crc (already verified)."""
-        data = self._payload_raw(rec, check)
-        if rec.rtype == fmt.SCATTER:
-            data = data[self._scatter_table_len(data, rec):]
+        table). check=False skips the crc (already verified). A page record's content is
+        exactly the size its header declares; anything else is refused."""
+        self._check_size(rec)
+        data = self._data_part(rec, self._payload_raw(rec, check))
         if rec.comp == fmt.LZ4:
-            try:
-                data = lz4.frame.decompress(data)
-            except RuntimeError as e:
-                raise ImageError("%s: corrupt compressed record at offset %d (%s)" % (self.path, rec.offset, e)) from None
+            data = self._decompress(rec, data)
         elif rec.comp != fmt.NONE:
             raise ImageError("%s: unknown compression %d in record at offset %d" % (self.path, rec.comp, rec.offset))
+        if rec.rtype in (fmt.PAGES, fmt.SCATTER) and len(data) != self.data_size(rec):
+            raise ImageError("%s: corrupt %s record at offset %d (%d bytes of pages, its header declares %d)"
+                             % (self.path, rec.type_name, rec.offset, len(data), self.data_size(rec)))
         return data
 
     def payload_of(self, seq, check=True):
@@ -162,9 +250,9 @@ class ImageReader:
             raise ImageError("%s: corrupt scatter record at offset %d (%d runs)" % (self.path, rec.offset, n))
         return size
 
-    def scatter_runs(self, seq):
+    def scatter_runs(self, seq, rec=None):
         """The (addr, length) runs of a SCATTER record, read from its uncompressed table."""
-        rec = self.record(seq)
+        rec = rec or self.record(seq)
         head = self._pread(rec.payload_offset, fmt.SCATTER_HEAD.size)
         size = self._scatter_table_len(head, rec)
         table = self._pread(rec.payload_offset, size)
@@ -177,13 +265,25 @@ class ImageReader:
 
     # -- content -------------------------------------------------------------------
     def metas(self):
-        """{name: data} of META records; later records of a name supersede earlier ones."""
+        """{name: data} of META records; later records of a name supersede earlier ones. The
+        core records are checked (schema.RECORDS): a malformed one is refused by name and field."""
         if self._metas is None:
-            self._metas = {}
+            metas = {}
             for off, _, _, rtype, _ in self.records:
                 if rtype == fmt.META:
-                    doc = json.loads(self.payload(self._record_at(off)))
-                    self._metas[doc["name"]] = doc["data"]
+                    raw = self.payload(self._record_at(off))
+                    # the writer puts the name first: it names the record even when the rest is bad
+                    named = _META_NAME.match(raw[:200])
+                    label = ('record "%s" (at offset %d)' % (named.group(1).decode(), off) if named
+                             else "metadata record at offset %d" % off)
+                    doc = self._json(raw, label, inside="data")
+                    if not isinstance(doc, dict) or not isinstance(doc.get("name"), str) or "data" not in doc:
+                        raise ImageError("%s: malformed image: metadata record at offset %d is not "
+                                         '{"name": ..., "data": ...}' % (self.path, off))
+                    metas[doc["name"]] = doc["data"]
+            for name, data in metas.items():
+                schema.check_record(self.path, name, data)
+            self._metas = metas
         return self._metas
 
     def meta(self, name, default=None):
@@ -193,7 +293,7 @@ class ImageReader:
         out = []
         for off, _, _, rtype, _ in self.records:
             if rtype == fmt.ROUND:
-                out.append(json.loads(self.payload(self._record_at(off))))
+                out.append(self._json(self.payload(self._record_at(off)), "round record at offset %d" % off))
         return out
 
     def extents(self):
@@ -268,18 +368,24 @@ class ImageReader:
 
     # -- checking --------------------------------------------------------------------
     def verify(self, decompress=True):
-        """Check every checksum and the structure (and, with decompress, that every compressed
-        payload decodes). Returns a summary dict; raises ImageError."""
+        """Check every checksum and the structure, and that every page record holds the
+        number of pages it declares. With decompress, every compressed payload is decoded
+        too (in bounded memory); without, only its lz4 frame header is checked against the
+        declared size. Returns a summary dict; raises ImageError."""
         chain = zlib.crc32(self.header_bytes)
         off = self.records_start
         seen = 0
         end = self.size - fmt.FOOTER.size
         while off < end:
             rec = self._record_at(off, seen)
-            if seen < len(self.records) and self.records[seen][0] != off:
-                raise ImageError("%s: corrupt index: record %d is at offset %d, index says %d"
-                                 % (self.path, seen, off, self.records[seen][0]))
-            self.payload(rec)
+            if rec.rtype != fmt.TRAILER:
+                if seen >= len(self.records):
+                    raise ImageError("%s: corrupt index: record %d at offset %d is not in the index"
+                                     % (self.path, seen, off))
+                if self.records[seen] != (off, rec.addr, rec.npages, rec.rtype, rec.comp):
+                    raise ImageError("%s: corrupt index: entry %d does not match the record at offset %d"
+                                     % (self.path, seen, off))
+            self._check_record(rec, decompress)
             # no checksum covers the padding before a page-aligned payload: it must be zero
             if rec.pad and any(self._pread(off + fmt.REC_SIZE, rec.pad)):
                 raise ImageError("%s: corrupt record at offset %d (non-zero padding)" % (self.path, off))
@@ -298,6 +404,23 @@ class ImageReader:
         if self.footer_reserved != 0:
             raise ImageError("%s: corrupt footer (reserved field %#x is not zero)" % (self.path, self.footer_reserved))
         return {"records": seen, "bytes": self.size}
+
+    def _check_record(self, rec, decompress):
+        where = "%s: corrupt %s record at offset %d" % (self.path, rec.type_name, rec.offset)
+        if rec.rtype not in fmt.TYPE_NAMES:
+            raise ImageError("%s (unknown record type)" % where)
+        self._check_size(rec)
+        if rec.rtype == fmt.ZERO and rec.length:
+            raise ImageError("%s (a zero record with a payload)" % where)
+        if rec.rtype == fmt.SCATTER:
+            total = sum(n for _, n in self.scatter_runs(rec.seq, rec))
+            if total != rec.npages * self.page_size:
+                raise ImageError("%s (its runs hold %d bytes, its header declares %d pages)" % (where, total, rec.npages))
+        if decompress or rec.comp != fmt.LZ4:
+            self.payload(rec)
+            return
+        data = self._data_part(rec, self._payload_raw(rec))
+        self._check_frame_header(rec, data)
 
     def check_compatible(self):
         """Refuse an image made on another architecture, page size or kernel."""

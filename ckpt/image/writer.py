@@ -1,8 +1,7 @@
-"""Writes an image front to back under a temporary name, 0600, renamed only when complete."""
+"""Writes an image front to back under a temporary name beside the final one (created new,
+0600, never through a symlink: ckpt.outfile), renamed only when complete."""
 import json
-import os
 import platform
-import secrets
 import time
 import zlib
 
@@ -10,6 +9,7 @@ import lz4.frame
 
 from ckpt.image import format as fmt
 from ckpt.kernel.native import PAGE_SIZE
+from ckpt.outfile import OutFile
 
 # lz4 is kept for a run only when it saves at least this fraction
 _LZ4_MIN_SAVING = 0.10
@@ -19,13 +19,12 @@ class ImageWriter:
     def __init__(self, path, compress="lz4", tool_version="0"):
         if compress not in fmt.COMP_NAMES:
             raise ValueError("unknown compression %r (lz4 or none)" % compress)
-        self.path = os.path.abspath(path)
         self.comp = fmt.COMP_NAMES[compress]
-        directory = os.path.dirname(self.path)
-        self.tmp_path = os.path.join(directory, ".%s.tmp-%s" % (os.path.basename(self.path), secrets.token_hex(4)))
-        fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        os.fchmod(fd, 0o600)
-        self.f = os.fdopen(fd, "wb", buffering=1 << 20)
+        self.out = OutFile(path, 0o600)
+        self.path = self.out.path
+        self.tmp_path = self.out.tmp_path
+        self.f = open(self.out.fd, "wb", buffering=1 << 20, closefd=False)
+        self.committed = False
         self.offset = 0
         self.chain = 0
         self.index = []
@@ -112,17 +111,23 @@ class ImageWriter:
         self.f.flush()
         return self.offset
 
+    def reader(self):
+        """An ImageReader of the finished image, read through the open file (never by a name)."""
+        from ckpt.image.reader import ImageReader
+        self.f.flush()
+        return ImageReader(self.tmp_path, fd=self.out.fd)
+
     def commit(self):
-        """Make the finished image durable and move it into place under its final name."""
-        os.fsync(self.f.fileno())
+        """Make the finished image durable (fsync) and move it into place under its final name
+        (rename of the temporary's own name, then fsync of the directory)."""
         self.f.close()
         self.closed = True
-        os.rename(self.tmp_path, self.path)
+        self.out.commit()
         self.committed = True
 
     def abort(self):
         """Drop the partial image: nothing is left behind."""
-        if getattr(self, "committed", False):
+        if self.committed:
             return
         if not self.closed:
             try:
@@ -130,7 +135,4 @@ class ImageWriter:
             except OSError:
                 pass
             self.closed = True
-        try:
-            os.unlink(self.tmp_path)
-        except FileNotFoundError:
-            pass
+        self.out.abort()
