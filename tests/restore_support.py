@@ -52,6 +52,7 @@ C_TARGETS = {
     "fdcheck": [],
     "evfds": [],
     "unixfds": [],
+    "holder": [],
     "fpavx": ["-frounding-math"] + FP_FLAGS,
 }
 
@@ -452,6 +453,30 @@ def restore_attached(procs, img):
     res = json.loads(reader.readline())
     assert res["pid"] == pid
     return pid, reader
+
+
+def rewrite_image(src, dst, edit):
+    """A copy of image src at dst (uncompressed records kept as they are) with its metadata
+    records changed by edit(metas) and every checksum recomputed: an image as someone who
+    can write the file would edit it."""
+    from ckpt.image import format as fmt
+    from ckpt.image.reader import ImageReader
+    from ckpt.image.writer import ImageWriter
+    with ImageReader(str(src)) as r:
+        metas = r.metas()
+        edit(metas)
+        w = ImageWriter(str(dst), compress="none")
+        try:
+            for rec in r.iter_records():
+                if rec.rtype != fmt.META:
+                    w._record(rec.rtype, r._payload_raw(rec), rec.addr, rec.npages, rec.comp, align=rec.pad > 0)
+            for name, data in metas.items():
+                w.add_meta(name, data)
+            w.finish()
+            w.commit()
+        except BaseException:
+            w.abort()
+            raise
 
 
 def same_after_ready(got, want):
