@@ -53,6 +53,7 @@ C_TARGETS = {
     "evfds": [],
     "unixfds": [],
     "holder": [],
+    "confine": [],
     "fpavx": ["-frounding-math"] + FP_FLAGS,
 }
 

@@ -31,7 +31,7 @@ from ckpt.kernel.native import PAGE_SIZE
 from ckpt.kernel.ptrace import find_syscall_insn
 from ckpt.kernel.uffd import USER_MODE_ONLY
 from ckpt.state.inject import Injector
-from ckpt.state.process import dump_process, exe_identity
+from ckpt.state.process import dump_process, exe_identity, refuse_namespaces
 from ckpt.state.threads import dump_threads
 
 TRACKABLE = ("anon", "file-private")
@@ -135,6 +135,7 @@ class Dump:
     # ------------------------------------------------------------------ phases
     def run(self):
         maps = check_target(self.pid)
+        refuse_namespaces(self.pid)
         files.refuse_untrackable(self.pid, maps)
         # every fd described while the target runs; one restore could not rebuild fails the
         # dump up front

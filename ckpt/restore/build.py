@@ -490,6 +490,7 @@ class Builder:
         creds = self.plan.proc["creds"]
         for t in self.plan.threads:
             process.restore_credentials(r, t["tid"], creds)
+        process.restore_after_credentials(r, self.plan.proc, self.opts.warn, self.plan.trusted)
         r.call(sysno.munmap, r.scratch, SCRATCH_SIZE, what="munmap of the scratch area")
         r.scratch = None
         for t in self.plan.threads:
@@ -501,6 +502,7 @@ class Builder:
 
     def _release(self):
         self.remote.call(sysno.prctl, PR_SET_PDEATHSIG, 0, 0, 0, 0, what="prctl(PR_SET_PDEATHSIG, 0)")
+        process.restore_stop_state(self.pid, self.plan.threads)
         for t in self.remote.threads.values():
             t.detach()
 

@@ -4,16 +4,36 @@ rseq, robust list, clear-child-tid address, alternate signal stack.
 Dump half: read from a thread in a ptrace-stop. Restore half: see ckpt.restore.
 """
 import base64
+import ctypes
 import struct
+
+from ptrace.error import PtraceError
 
 from ckpt.kernel import procfs
 from ckpt.kernel.native import ffi, lib
-from ckpt.kernel.ptrace import peek_siginfo, regs_to_dict
+from ckpt.kernel.ptrace import _call, peek_siginfo, regs_to_dict
 from ckpt.state.inject import Out, u64
 
 SYS_sigaltstack = 131
 SYS_prctl = 157
 PR_GET_TID_ADDRESS = 40
+PTRACE_GETSIGINFO = 0x4202
+PTRACE_EVENT_STOP = 128
+STOP_SIGNALS = (19, 20, 21, 22)     # SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU
+
+
+def group_stop(tid):
+    """The stop signal if the thread's process is in a group stop (stopped by SIGSTOP & co.),
+    else 0. Read in the ptrace-stop the freeze put the thread in, before anything is injected
+    into it: that stop is a PTRACE_EVENT_STOP whose siginfo carries the group stop's signal, or
+    SIGTRAP when the process was running (a plain PTRACE_INTERRUPT)."""
+    buf = ctypes.create_string_buffer(128)
+    try:
+        _call(PTRACE_GETSIGINFO, tid, 0, ctypes.addressof(buf))
+    except PtraceError:
+        return 0
+    signo, _, code = struct.unpack_from("<iii", buf.raw)
+    return signo if code >> 8 == PTRACE_EVENT_STOP and signo in STOP_SIGNALS else 0
 
 
 def dump_threads(tracees, injector):
@@ -30,6 +50,7 @@ def dump_threads(tracees, injector):
             "signals": [base64.b64encode(s).decode() for s in peek_siginfo(t.tid)],
             "stop_signal": t.pending_signal,   # taken off the queue by a signal-delivery-stop
             "comm": procfs.comm(t.tid),
+            "group_stop": group_stop(t.tid),
         }
         head, length = ffi.new("uint64_t *"), ffi.new("uint64_t *")
         if lib.ck_get_robust_list(t.tid, head, length) == 0:
