@@ -30,7 +30,12 @@ class OutFile:
         self.mode = mode
         self.fd = self.dirfd = None
         self.committed = self.aborted = False
-        self.dirfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.dir_syncable = True
+        try:
+            self.dirfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except PermissionError:     # writable but not readable (mode -wx): no fsync of it then
+            self.dirfd = os.open(self.dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            self.dir_syncable = False
         try:
             for _ in range(100):
                 self.tmp_name = ".%s.tmp-%s" % (self.name[:200], secrets.token_hex(4))
@@ -76,7 +81,8 @@ class OutFile:
         os.rename(self.tmp_name, self.name, src_dir_fd=self.dirfd, dst_dir_fd=self.dirfd)
         self.committed = True
         try:
-            os.fsync(self.dirfd)
+            if self.dir_syncable:
+                os.fsync(self.dirfd)
         finally:
             self._close()
 

@@ -28,7 +28,7 @@ import pytest
 
 from conftest import one_line_error
 from restore_support import (Procs, ckpt_argv, dump, exists, kill_and_reap, read_lines, reap_killed,  # noqa: F401
-                             rs_built, run_ckpt, subreaper, wait_file_line, wait_gone)
+                             rs_built, run_ckpt, subreaper, wait_file_line)
 from ckpt.errors import CkptError, ImageError
 from ckpt.image import format as fmt
 from ckpt.image.reader import ImageReader
@@ -285,37 +285,42 @@ def _nested(depth):
     return v
 
 
-# (id, record, keys (a callable: keys from the record's data), new value or DEL, what the error says)
+# (id, record, keys to the field (None: the record itself), new value (a callable: of the old)
+# or DEL, what the error says after 'record "NAME", field ')
 FIELD_CASES = [
-    ("process-pid-missing", "process", ["pid"], DEL, r'record "process", field pid: missing'),
-    ("process-pid-string", "process", ["pid"], "1234", r'record "process", field pid: expected a PID .*found "1234"'),
-    ("process-pid-negative", "process", ["pid"], -5, r'record "process", field pid: expected a PID'),
-    ("process-cwd-number", "process", ["cwd"], 7, r'record "process", field cwd: expected a string, found 7'),
-    ("process-creds-string", "process", ["creds"], "root",
-     r'record "process", field creds: expected an object, found "root"'),
-    ("process-uid-short", "process", ["creds", "uid"], [0, 0], r'record "process", field creds.uid: expected a list of 4'),
-    ("process-brk-huge", "process", ["mm", "brk"], 1 << 70, r'record "process", field mm.brk: expected an integer in 0..2\^64-1'),
-    ("process-a-list", "process", None, [1, 2], r'record "process", field \(the record itself\): expected an object'),
-    ("process-sigaction-handler", "process", ["sigactions"], {"10": {"handler": "x", "flags": 0, "restorer": 0, "mask": 0}},
-     r'record "process", field sigactions.*10.*handler: expected an integer'),
-    ("threads-empty", "threads", None, [], r'record "threads", field \(the record itself\): expected a list of 1\.\.'),
-    ("threads-not-objects", "threads", [0], 5, r'record "threads", field \[0\]: expected an object, found 5'),
-    ("thread-rip-string", "threads", [0, "regs", "rip"], "0x401000", r'record "threads", field \[0\].regs.rip: expected an integer'),
-    ("thread-xstate-missing", "threads", [0, "xstate"], DEL, r'record "threads", field \[0\].xstate: missing'),
-    ("thread-tid-zero", "threads", [0, "tid"], 0, r'record "threads", field \[0\].tid: expected a thread ID'),
-    ("mapping-start-negative", "mappings", [0, "start"], -4096, r'record "mappings", field \[0\].start: expected an integer in 0\.\.'),
-    ("mapping-end-2^64", "mappings", [0, "end"], 1 << 64, r'record "mappings", field \[0\].end: expected an integer in 0\.\.2\^64-1'),
-    ("mapping-kind-missing", "mappings", [2, "kind"], DEL, r'record "mappings", field \[2\].kind: missing'),
-    ("mapping-end-below-start", "mappings", [1, "end"], 4096,
-     r'record "mappings", field \[1\]\.end: 0x1000 is not above start'),
-    ("mapping-unaligned", "mappings", [1, "start"], lambda v: v + 12, r'record "mappings", field \[1\]: .*page-aligned'),
-    ("mappings-an-object", "mappings", None, {"start": 0}, r'record "mappings", field \(the record itself\): expected a list'),
-    ("fd-number-huge", "fds", [0, "fd"], 1 << 40, r'record "fds", field \[0\].fd: expected an fd number'),
-    ("fd-kind-number", "fds", [1, "kind"], 5, r'record "fds", field \[1\].kind: expected a string, found 5'),
-    ("fd-flags-missing", "fds", [2, "flags"], DEL, r'record "fds", field \[2\].flags: missing'),
-    ("fd-entry-a-string", "fds", [0], "x", r'record "fds", field \[0\]: expected an object, found "x"'),
-    ("fd-deep-inside", "fds", [0, "extra"], _nested(100), r'record "fds" \(at offset \d+\), field \[0\].extra\[0\].*nested more than 64'),
+    ("process-pid-missing", "process", ["pid"], DEL, r"pid: missing"),
+    ("process-pid-string", "process", ["pid"], "1234", r'pid: expected a PID .*found "1234"'),
+    ("process-pid-negative", "process", ["pid"], -5, r"pid: expected a PID"),
+    ("process-cwd-number", "process", ["cwd"], 7, r"cwd: expected a string, found 7"),
+    ("process-creds-string", "process", ["creds"], "root", r'creds: expected an object, found "root"'),
+    ("process-uid-short", "process", ["creds", "uid"], [0, 0], r"creds.uid: expected a list of 4"),
+    ("process-brk-huge", "process", ["mm", "brk"], 1 << 70, r"mm.brk: expected an integer in 0..2\^64-1"),
+    ("process-a-list", "process", None, [1, 2], r"\(the record itself\): expected an object"),
+    ("process-sigaction-handler", "process", ["sigactions"],
+     {"10": {"handler": "x", "flags": 0, "restorer": 0, "mask": 0}},
+     r"sigactions.*10.*handler: expected an integer"),
+    ("threads-empty", "threads", None, [], r"\(the record itself\): expected a list of 1\.\."),
+    ("threads-not-objects", "threads", [0], 5, r"\[0\]: expected an object, found 5"),
+    ("thread-rip-string", "threads", [0, "regs", "rip"], "0x401000", r"\[0\].regs.rip: expected an integer"),
+    ("thread-xstate-missing", "threads", [0, "xstate"], DEL, r"\[0\].xstate: missing"),
+    ("thread-tid-zero", "threads", [0, "tid"], 0, r"\[0\].tid: expected a thread ID"),
+    ("mapping-start-negative", "mappings", [0, "start"], -4096, r"\[0\].start: expected an integer in 0\.\."),
+    ("mapping-end-2^64", "mappings", [0, "end"], 1 << 64, r"\[0\].end: expected an integer in 0\.\.2\^64-1"),
+    ("mapping-kind-missing", "mappings", [2, "kind"], DEL, r"\[2\].kind: missing"),
+    ("mapping-end-below-start", "mappings", [1, "end"], 4096, r"\[1\]\.end: 0x1000 is not above start"),
+    ("mapping-unaligned", "mappings", [1, "start"], lambda v: v + 12, r"\[1\]: .*page-aligned"),
+    ("mappings-an-object", "mappings", None, {"start": 0}, r"\(the record itself\): expected a list"),
+    ("fd-number-huge", "fds", [0, "fd"], 1 << 40, r"\[0\].fd: expected an fd number"),
+    ("fd-kind-number", "fds", [1, "kind"], 5, r"\[1\].kind: expected a string, found 5"),
+    ("fd-flags-missing", "fds", [2, "flags"], DEL, r"\[2\].flags: missing"),
+    ("fd-entry-a-string", "fds", [0], "x", r'\[0\]: expected an object, found "x"'),
 ]
+FIELD_CASES = [(cid, name, keys, value, r'record "%s", field %s' % (name, what))
+               for cid, name, keys, value, what in FIELD_CASES]
+FIELD_CASES.append(("thread-of-another-process", "threads", [0, "tid"], lambda tid: tid + 1,
+                    r'record "threads" has no thread \d+, the process\'s main thread'))
+FIELD_CASES.append(("fd-deep-inside", "fds", [0, "extra"], _nested(100),
+                    r'record "fds" \(at offset \d+\), field \[0\].extra\[0\].*nested more than 64'))
 
 
 def _apply(data, keys, value):

@@ -283,6 +283,7 @@ class ImageReader:
                     metas[doc["name"]] = doc["data"]
             for name, data in metas.items():
                 schema.check_record(self.path, name, data)
+            schema.check_together(self.path, metas)
             self._metas = metas
         return self._metas
 
@@ -415,7 +416,8 @@ class ImageReader:
         if rec.rtype == fmt.SCATTER:
             total = sum(n for _, n in self.scatter_runs(rec.seq, rec))
             if total != rec.npages * self.page_size:
-                raise ImageError("%s (its runs hold %d bytes, its header declares %d pages)" % (where, total, rec.npages))
+                raise ImageError("%s (its runs hold %d bytes, its header declares %d pages)"
+                                 % (where, total, rec.npages))
         if decompress or rec.comp != fmt.LZ4:
             self.payload(rec)
             return

@@ -5,7 +5,7 @@ An image's checksums say only that the file is the one written; a file written b
 else (or a bug) can hold any JSON. The reader checks every record named in RECORDS once, when
 it parses the metadata, so that the code which uses the fields may index and format them
 without a traceback: a wrong record is refused with one line naming the record and the field,
-e.g. `record "mappings", field [3].end: expected an integer in 0..2^64, found "x"`.
+e.g. `record "mappings", field [3].end: expected an integer in 0..2^64-1, found "x"`.
 
 Only the fields that are read are described; others are left alone (and a kind of fd checks
 its own fields: see ckpt/files). A record that is absent is not an error here (restore says
@@ -21,6 +21,7 @@ U64 = (0, (1 << 64) - 1)
 U32 = (0, (1 << 32) - 1)
 PID = (1, 1 << 22)               # PID_MAX_LIMIT
 FD = (0, (1 << 31) - 1)
+PATH_MAX = 8192                  # a path with its " (deleted)" and the like, generously
 MAX_DEPTH = 64                   # no metadata of ckpt's nests deeper than a few levels
 MAX_ITEMS = 1 << 24              # entries of one list (mappings, fds, threads ...)
 
@@ -76,8 +77,13 @@ def Str(pattern=None, what=None, maxlen=1 << 16):
     return check
 
 
+def Number(v, where):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise Malformed(where, "expected a number, found %s" % _shown(v))
+
+
 def Bool(v, where):
-    if not isinstance(v, (bool, int)) or isinstance(v, int) and not isinstance(v, bool) and v not in (0, 1):
+    if not (isinstance(v, bool) or (type(v) is int and v in (0, 1))):
         raise Malformed(where, "expected true or false, found %s" % _shown(v))
 
 
@@ -113,9 +119,8 @@ def List(item, min_len=0, max_len=MAX_ITEMS):
     return check
 
 
-def Dict(required=None, optional=None, extra=None):
-    """An object with these fields (name -> spec); `extra` (a spec) checks every other field's
-    value, else other fields are left alone."""
+def Dict(required=None, optional=None):
+    """An object with these fields (name -> spec); other fields are left alone."""
     required, optional = required or {}, optional or {}
 
     def check(v, where):
@@ -128,10 +133,6 @@ def Dict(required=None, optional=None, extra=None):
         for k, spec in optional.items():
             if k in v:
                 spec(v[k], _join(where, k))
-        if extra is not None:
-            for k, x in v.items():
-                if k not in required and k not in optional:
-                    extra(x, _join(where, k))
     return check
 
 
@@ -166,11 +167,11 @@ MM_FIELDS = ("start_code", "end_code", "start_data", "end_data", "start_brk", "b
 
 PROCESS = Dict({
     "pid": Int(*PID, what="a PID (1..2^22)"),
-    "comm": Str(maxlen=64),
+    "comm": Str(maxlen=256),
     "ppid": Int(0, PID[1]), "pgid": Int(0, PID[1]), "sid": Int(0, PID[1]),
     "cmdline": List(Str(maxlen=1 << 21)),
-    "exe": Str(maxlen=4096),
-    "cwd": Str(maxlen=4096),
+    "exe": Str(maxlen=PATH_MAX),
+    "cwd": Str(maxlen=PATH_MAX),
     "umask": Int(0, 0o777, "a umask (0..0777)"),
     "mm": Dict({k: Int(*U64) for k in MM_FIELDS}),
     "auxv": B64,
@@ -182,7 +183,7 @@ PROCESS = Dict({
                       "a signal number"),
     "itimers": Map(r"real|virtual|prof", Dict({"interval": TIMEVAL, "value": TIMEVAL}), "real, virtual or prof"),
 }, {
-    "root": Str(maxlen=4096),
+    "root": Str(maxlen=PATH_MAX),
     "personality": Int(*U32),
     "shared_signals": List(B64),
     "exe_file": Opt(FILE_ID),
@@ -198,7 +199,7 @@ THREAD = Dict({
     "rseq": Opt(Dict({"ptr": Int(*U64), "size": Int(*U32), "sig": Int(*U32)})),
     "signals": List(B64),
     "stop_signal": Opt(Int(0, 64, "a signal number (0..64)")),
-    "comm": Opt(Str(maxlen=64)),
+    "comm": Opt(Str(maxlen=256)),
     "robust_list": Opt(Dict({"head": Int(*U64), "len": Int(*U64)})),
     "tid_address": Opt(Int(*U64)),
     "altstack": Opt(Dict({"sp": Int(*U64), "flags": Int(-(1 << 31), (1 << 31) - 1), "size": Int(*U64)})),
@@ -208,9 +209,9 @@ MAPPING_KINDS = ("anon", "file-private", "file-shared", "shmem", "special")
 MAPPING = Dict({
     "start": Int(*U64), "end": Int(*U64),
     "perms": Str(r"[r-][w-][x-][ps]", "permissions like r-xp"),
-    "offset": Int(0, (1 << 63) - 1),
+    "offset": Int(*U64),
     "kind": Str("|".join(MAPPING_KINDS), "one of " + ", ".join(MAPPING_KINDS)),
-    "path": Str(maxlen=4096 + 16),
+    "path": Str(maxlen=PATH_MAX),
     "dev": Str(maxlen=32), "inode": Int(*U64),
 }, {
     "file": Opt(FILE_ID),
@@ -224,7 +225,7 @@ FD_ENTRY = Dict({
     "pos": Int(-(1 << 63), (1 << 63) - 1),
     "inherit": Bool,
     "shares": Int(*FD, what="an fd number (0..2^31-1)"),
-    "path": Str(maxlen=4096 + 64),
+    "path": Str(maxlen=PATH_MAX),
     "tty": Bool,
 })
 
@@ -321,13 +322,20 @@ def check_record(path, name, data):
                          % (path, name, e.where or "(the record itself)", e.what)) from None
 
 
+def check_together(path, metas):
+    """What one record says of another: the process's own thread is among the threads."""
+    proc, threads = metas.get("process"), metas.get("threads")
+    if proc is not None and threads is not None and proc["pid"] not in {t["tid"] for t in threads}:
+        raise ImageError('%s: malformed image: record "threads" has no thread %d, the process\'s main thread'
+                         % (path, proc["pid"]))
+
+
 def check_header(path, header):
     """The header's fields that are used to read the rest."""
     try:
         Dict({"page_size": Int(4096, 1 << 30, "a page size (4096..2^30)")},
              {"format": Int(0, 1 << 31), "arch": Str(maxlen=64), "kernel": Str(maxlen=256),
-              "created": lambda v, w: None if isinstance(v, (int, float)) and not isinstance(v, bool)
-              else Int(0, 0)(v, w), "tool": Str(maxlen=256)})(header, "")
+              "created": Number, "tool": Str(maxlen=256)})(header, "")
         if header["page_size"] & (header["page_size"] - 1):
             raise Malformed("page_size", "%d is not a power of two" % header["page_size"])
     except Malformed as e:
