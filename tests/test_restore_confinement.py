@@ -19,7 +19,6 @@ from restore_support import (NOBODY, WAIT, alive, dump, exe, image_meta, procs, 
                              wait_gone)
 from conftest import AS_NOBODY, nobody_dir  # noqa: F401
 
-CGROUP_ROOT = "/sys/fs/cgroup"
 
 
 def _attrs(line):
@@ -76,7 +75,7 @@ def test_target_in_its_own_namespaces_is_refused_untouched(procs, tmp_path, flag
             % (p.pid, words))
     assert want in err, err
     assert len(err.strip().splitlines()) == 1, err
-    assert not img.exists() and not [x for x in os.listdir(tmp_path) if x.startswith("image")]
+    assert os.listdir(tmp_path) == ["out"]      # no image, no temporary file
     # untouched: never traced (it was not even seized), same state, still answering
     after = status(p.pid)
     assert after["TracerPid"] == "0" and after["State"] == before["State"]
@@ -144,15 +143,33 @@ def test_dumpable_flag_comes_back(procs, nobody_dir, args, dumpable):
 
 
 # ------------------------------------------------------------------ 4. cgroups
+def _cgroup_mounts():
+    """{"memory": mount point of the v1 memory hierarchy, "v2": of the v2 hierarchy}, for those
+    mounted here (whole, from their root), read from mountinfo."""
+    found = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            a, b = left.split(), right.split()
+            if a[3] != "/" or len(b) < 3:
+                continue
+            if b[0] == "cgroup" and "memory" in b[2].split(","):
+                found.setdefault("memory", a[4])
+            elif b[0] == "cgroup2":
+                found.setdefault("v2", a[4])
+    return found
+
+
 class Cgroups:
-    """Cgroups a test makes (v1 memory and the v2 hierarchy), removed at teardown once the
-    processes in them are gone."""
+    """Cgroups a test makes (in the v1 memory and the v2 hierarchies, those mounted here),
+    removed at teardown once the processes in them are gone."""
 
     def __init__(self):
+        self.mounts = _cgroup_mounts()
         self.made = []
 
     def make(self, hierarchy, name):
-        path = os.path.join(CGROUP_ROOT, hierarchy, name)
+        path = os.path.join(self.mounts[hierarchy], name)
         os.mkdir(path)
         self.made.append(path)
         return path
@@ -173,12 +190,17 @@ class Cgroups:
 
 @pytest.fixture
 def cgroups(procs):
-    if not os.path.isdir(os.path.join(CGROUP_ROOT, "memory")) or not os.path.isdir(os.path.join(CGROUP_ROOT, "unified")):
-        pytest.skip("needs cgroup v1 memory at %s/memory and cgroup v2 at %s/unified" % (CGROUP_ROOT, CGROUP_ROOT))
     c = Cgroups()
+    if not c.mounts:
+        pytest.skip("no cgroup v1 memory hierarchy nor cgroup v2 is mounted here")
     yield c
     procs.teardown()        # the processes first: a cgroup is removed only once empty
     c.teardown()
+
+
+def _need_v1_memory(cgroups):
+    if "memory" not in cgroups.mounts:
+        pytest.skip("needs the cgroup v1 memory hierarchy")
 
 
 def _enter(cg, pid):
@@ -187,40 +209,44 @@ def _enter(cg, pid):
 
 
 def _cgroup_lines(pid, tid=None):
+    """The v1 memory and v2 lines of /proc/PID/cgroup (or of one thread)."""
     path = "/proc/%d/task/%d/cgroup" % (pid, tid) if tid else "/proc/%d/cgroup" % pid
     with open(path) as f:
         return sorted(line for line in f.read().splitlines() if ":memory:" in line or line.startswith("0::"))
 
 
 def test_cgroup_membership_comes_back(procs, tmp_path, cgroups):
-    """A target in a v1 memory cgroup and a v2 cgroup of its own comes back in both, every
-    thread of it."""
+    """A target in a v1 memory cgroup and a v2 cgroup of its own (those of the two hierarchies
+    mounted here) comes back in them, every thread of it."""
     out = tmp_path / "out"
     p, _ = procs.start("confine", stdout=out)
     first = wait_file_line(out, _attrs, proc=p)
     name = "ckpt-test-%d" % p.pid
-    mem, v2 = cgroups.make("memory", name), cgroups.make("unified", name)
-    _enter(mem, p.pid)
-    _enter(v2, p.pid)
-    want = sorted(["0::/%s" % name, "%s:memory:/%s" % (_cgroup_lines(p.pid)[-1].split(":")[0], name)])
-    assert _cgroup_lines(p.pid) == want
+    made = {h: cgroups.make(h, name) for h in sorted(cgroups.mounts)}
+    for cg in made.values():
+        _enter(cg, p.pid)
+    want = sorted(x.rsplit(":", 1)[0] + ":/" + name for x in _cgroup_lines(p.pid))
+    assert _cgroup_lines(p.pid) == want and len(want) == len(made)
     img = tmp_path / "image"
     dump(p.pid, img)
     reap_killed(p)
-    assert os.path.isdir(mem)
+    assert all(os.path.isdir(cg) for cg in made.values())
     pid, _, err = restore_ok(procs, img)
     assert not err.strip(), err
     assert _cgroup_lines(pid) == want
     for tid in tids(pid):
         assert _cgroup_lines(pid, tid) == want, tid
-    with open(os.path.join(mem, "cgroup.procs")) as f:
-        assert f.read().split() == [str(pid)]
-    with open(os.path.join(mem, "tasks")) as f:
-        assert sorted(int(x) for x in f.read().split()) == tids(pid)
+    for cg in made.values():
+        with open(os.path.join(cg, "cgroup.procs")) as f:
+            assert f.read().split() == [str(pid)]
+    if "memory" in made:
+        with open(os.path.join(made["memory"], "tasks")) as f:
+            assert sorted(int(x) for x in f.read().split()) == tids(pid)
     assert _report(pid, out, 2) == first
 
 
 def test_cgroup_gone_is_refused(procs, tmp_path, cgroups):
+    _need_v1_memory(cgroups)
     out = tmp_path / "out"
     p, _ = procs.start("confine", stdout=out)
     wait_file_line(out, _attrs, proc=p)
@@ -241,6 +267,7 @@ def test_cgroup_only_where_its_owner_may_put_it(procs, nobody_dir, cgroups):
     """A process of nobody's that root put into a memory cgroup: an image of root's own (trusted)
     brings it back there; the same image owned by nobody (restored with nobody's rights) is
     refused for a cgroup of root's, and restored into a cgroup delegated to nobody."""
+    _need_v1_memory(cgroups)
     out = nobody_dir / "out"
     p, _ = procs.start("confine", stdout=out, user="nobody")
     first = wait_file_line(out, _attrs, proc=p)
