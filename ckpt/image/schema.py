@@ -178,7 +178,7 @@ PROCESS = Dict({
     "rlimits": Map(r"RLIMIT_[A-Z]+", List(I64, 2, 2), "an RLIMIT_ name"),
     "creds": Dict({"uid": IDS4, "gid": IDS4, "groups": List(ID, 0, 65536),
                    "cap_inh": HEX64, "cap_prm": HEX64, "cap_eff": HEX64, "cap_bnd": HEX64},
-                  {"cap_amb": Opt(HEX64), "no_new_privs": Bool, "seccomp": Int(0, 2)}),
+                  {"cap_amb": Opt(HEX64), "no_new_privs": Bool, "seccomp": Int(0, 2), "securebits": Int(*U32)}),
     "sigactions": Map(r"[1-9][0-9]?", Dict({k: Int(*U64) for k in ("handler", "flags", "restorer", "mask")}),
                       "a signal number"),
     "itimers": Map(r"real|virtual|prof", Dict({"interval": TIMEVAL, "value": TIMEVAL}), "real, virtual or prof"),
@@ -188,6 +188,8 @@ PROCESS = Dict({
     "shared_signals": List(B64),
     "exe_file": Opt(FILE_ID),
     "threads_count": Int(0, PID[1]),
+    "dumpable": Opt(Int(0, 2)),
+    "cgroups": List(Dict({"id": Int(*U32), "controllers": Str(), "path": Str(maxlen=PATH_MAX)})),
 })
 
 THREAD = Dict({
