@@ -260,6 +260,16 @@ def test_page_record_claiming_other_size_is_refused_without_decompressing(fd_ima
             r.verify(decompress=False)
 
 
+def test_image_that_is_no_regular_file(tmp_path):
+    """A FIFO or a device given as the image: refused at once (the open must not block)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/zero"):
+        for cmd in ("verify", "info"):
+            rc, _, err = run_ckpt(cmd, path, timeout=60)
+            assert rc != 0 and "not a regular file" in one_line_error(err), err
+
+
 # ================================================================== 2. malformed metadata
 DEL = object()
 

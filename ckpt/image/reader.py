@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import re
+import stat
 import zlib
 
 import lz4.frame
@@ -36,17 +37,25 @@ class ImageReader:
     def __init__(self, path, fd=None):
         self.path = path
         if fd is not None:
-            self.f = os.fdopen(os.dup(fd), "rb", buffering=0)
+            fd = os.dup(fd)
         else:
-            try:
-                self.f = open(path, "rb", buffering=0)
+            try:    # O_NONBLOCK: a FIFO given for an image must not block the open
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             except FileNotFoundError:
                 raise ImageError("%s: no such file" % path) from None
             except IsADirectoryError:
                 raise ImageError("%s: is a directory, not an image" % path) from None
-        self.fd = self.f.fileno()
+            except OSError as e:
+                raise ImageError("%s: cannot be read: %s" % (path, e.strerror)) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise ImageError("%s: is a directory, not an image" % path if stat.S_ISDIR(st.st_mode)
+                             else "%s: not a ckpt image (not a regular file)" % path)
+        self.f = os.fdopen(fd, "rb", buffering=0)
+        self.fd = fd
         try:
-            self.size = os.fstat(self.fd).st_size
+            self.size = st.st_size
             self._read_header()
             self._read_footer()
         except BaseException:
