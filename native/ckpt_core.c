@@ -137,6 +137,43 @@ int64_t ck_scan(int pagemap_fd, const uint64_t *ranges, int nranges,
 	return n;
 }
 
+/* ----------------------------------------------- data ranges of a file */
+
+/*
+ * The data ranges of file fd within [lo, hi) as (start, end) offset pairs in out (at most cap
+ * pairs), found with lseek SEEK_DATA / SEEK_HOLE, so that its holes are never read. Returns
+ * the number of pairs; *next is where to go on (hi when done). -errno on failure, -ENOTSUP for
+ * a file whose lseek ignores SEEK_DATA (it returns an offset before the one asked).
+ */
+int64_t ck_data_ranges(int fd, uint64_t lo, uint64_t hi, uint64_t *out, int64_t cap, uint64_t *next)
+{
+	int64_t n = 0;
+	uint64_t pos = lo;
+	while (pos < hi && n < cap) {
+		off_t d = lseek(fd, (off_t)pos, SEEK_DATA);
+		if (d < 0) {
+			if (errno == ENXIO)
+				break;
+			return -errno;
+		}
+		if ((uint64_t)d < pos)
+			return -ENOTSUP;
+		if ((uint64_t)d >= hi)
+			break;
+		off_t h = lseek(fd, d, SEEK_HOLE);
+		if (h < 0)
+			return -errno;
+		if (h <= d)
+			return -ENOTSUP;
+		out[2 * n] = (uint64_t)d;
+		out[2 * n + 1] = (uint64_t)h < hi ? (uint64_t)h : hi;
+		n++;
+		pos = (uint64_t)h;
+	}
+	*next = n < cap ? hi : pos;
+	return n;
+}
+
 /* ----------------------------------------------- bulk memory of another process */
 
 static int64_t mem_fallback(int mem_fd, uint64_t addr, uint64_t len, uint8_t *buf, int write)
@@ -476,7 +513,14 @@ struct ck_tracker *ck_tracker_start(int uffd)
 		free(t);
 		return NULL;
 	}
-	if (pthread_create(&t->thread, NULL, tracker_main, t)) {
+	/* the thread takes no signal: ckpt's main thread waits for its tracees' stops with
+	 * SIGCHLD blocked (sigtimedwait), and a SIGCHLD this thread let in would be lost */
+	sigset_t all, old;
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);
+	int failed = pthread_create(&t->thread, NULL, tracker_main, t);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	if (failed) {
 		close(t->stop_pipe[0]);
 		close(t->stop_pipe[1]);
 		free(t);

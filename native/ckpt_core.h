@@ -10,6 +10,8 @@ int64_t ck_scan(int pagemap_fd, const uint64_t *ranges, int nranges,
 		uint64_t ret_mask, uint64_t *out, int64_t cap,
 		int *next_range, uint64_t *next_addr);
 
+int64_t ck_data_ranges(int fd, uint64_t lo, uint64_t hi, uint64_t *out, int64_t cap, uint64_t *next);
+
 int64_t ck_read_runs(int pid, int mem_fd, const uint64_t *runs, int64_t nruns,
 		     uint8_t *dst, int32_t *status);
 int64_t ck_write_runs(int pid, int mem_fd, const uint64_t *runs, int64_t nruns,

@@ -53,6 +53,8 @@ C_TARGETS = {
     "evfds": [],
     "unixfds": [],
     "holder": [],
+    "sparseshm": [],
+    "names": [],
     "confine": [],
     "fpavx": ["-frounding-math"] + FP_FLAGS,
 }

@@ -139,17 +139,37 @@ def test_output_filesystem_fills_up(spawn, small_tmpfs):
     t.assert_progress(before)
 
 
-def test_target_exits_during_round_0(spawn, start_ckpt, tmp_path):
-    t = spawn("writer", BIG_MB, 1, 0)
+@pytest.mark.parametrize("mode", ["async", "sync"])
+@pytest.mark.parametrize("how", ["kill", "exit"])
+def test_target_exits_during_round_0(spawn, tmp_path, mode, how):
+    """The target ends itself the moment it finds itself armed (a page of its own turns
+    write-protected), so its exit always falls into round 0, however loaded the machine: the
+    dump fails saying the process exited, whichever call of ckpt's noticed it first."""
+    t = spawn("exiter", BIG_MB, 0, how)
     out = _outdir(tmp_path)
-    p = start_ckpt("dump", t.pid, "-o", out / "image", "--leave-running")
-    assert wait_armed(t, ckpt_proc=p), "ckpt ended before arming: %s" % (p.communicate(),)
-    os.kill(t.pid, signal.SIGKILL)
-    so, se = p.communicate(timeout=300)
-    assert p.returncode != 0, "the dump of a process killed during round 0 succeeded: %s" % so
-    line = one_line_error(se)
-    assert "exited" in line or "gone" in line, line
+    rc, so, se = run_ckpt("dump", t.pid, "-o", out / "image", "--leave-running", "--mode", mode)
+    assert rc != 0, "the dump of a process that exited during round 0 succeeded: %s" % so
+    assert one_line_error(se) == "ckpt: error: process %d exited during the dump" % t.pid
     assert os.listdir(out) == []
+    code, status = t.wait_exit()
+    assert (code, status) == ((os.CLD_KILLED, signal.SIGKILL) if how == "kill" else (os.CLD_EXITED, 0))
+
+
+@pytest.mark.parametrize("delay_ms", [20, 100, 400])
+def test_target_exits_later_in_the_dump(spawn, tmp_path, delay_ms):
+    """The target ends itself some time after the arm: in a later round, the freeze or after
+    it. Either the dump is complete and verified, or it fails saying the process exited; never
+    another error, and no file is left on failure."""
+    t = spawn("exiter", 256, delay_ms, "kill", 4)
+    out = _outdir(tmp_path)
+    rc, so, se = run_ckpt("dump", t.pid, "-o", out / "image", "--leave-running", "--verify", "--json")
+    if rc == 0:
+        assert dump_json(so)["verified"] is True
+        assert os.listdir(out) == ["image"]
+    else:
+        assert one_line_error(se) == "ckpt: error: process %d exited during the dump" % t.pid
+        assert os.listdir(out) == []
+    t.wait_exit()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)

@@ -2,11 +2,12 @@
 records (all-zero pages become ZERO records with no payload)."""
 import bisect
 import errno
+import os
 
 from ckpt.errors import TargetGone
 from ckpt.kernel import pagemap
 from ckpt.kernel.memio import MemIO, zero_pages
-from ckpt.kernel.native import PAGE_SIZE
+from ckpt.kernel.native import PAGE_SIZE, ffi, lib
 
 CHUNK = 8 << 20
 
@@ -28,10 +29,49 @@ def split_runs(runs, limit=CHUNK):
         yield batch
 
 
-def content_runs(pm, vmas):
+_RANGES_CAP = 1 << 14
+
+
+def shmem_runs(pid, v):
+    """The (addr, length) runs of a shared memory mapping that hold data: the data ranges of
+    its shmem file within the mapping (lseek SEEK_DATA / SEEK_HOLE on the file, opened through
+    /proc/PID/map_files). Its holes read as zero and are left out: reading them through the
+    mapping would allocate every page of a sparse region. None when the file cannot be asked
+    (ckpt not privileged, or a file system that does not tell): then all of it is copied."""
+    try:
+        fd = os.open("/proc/%d/map_files/%x-%x" % (pid, v.start, v.end), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        lo, hi = v.offset, v.offset + v.size
+        out = ffi.new("uint64_t[]", 2 * _RANGES_CAP)
+        nxt = ffi.new("uint64_t *", lo)
+        runs = []
+        while nxt[0] < hi:
+            n = lib.ck_data_ranges(fd, nxt[0], hi, out, _RANGES_CAP, nxt)
+            if n < 0:
+                return None
+            flat = ffi.unpack(out, 2 * n)
+            for d, h in zip(flat[0::2], flat[1::2]):
+                d -= d % PAGE_SIZE
+                h = min(hi, h + (-h) % PAGE_SIZE)
+                a = v.start + d - lo
+                if runs and runs[-1][0] + runs[-1][1] >= a:
+                    runs[-1] = (runs[-1][0], v.start + h - lo - runs[-1][0])
+                else:
+                    runs.append((a, h - d))
+            if n < _RANGES_CAP:
+                break
+        return runs
+    finally:
+        os.close(fd)
+
+
+def content_runs(pm, vmas, pid=None):
     """The runs of a full copy of these mappings: the pages whose content is not already known
     from elsewhere (absent anonymous pages read as zero, unmodified private file pages are the
-    file's own, shared file mappings are the file's)."""
+    file's own, shared file mappings are the file's, holes of shared memory are zero). Shared
+    memory is asked for its data ranges when `pid` is given (see shmem_runs)."""
     anon, cow, whole = [], [], []
     for v in vmas:
         k = v.kind
@@ -40,7 +80,8 @@ def content_runs(pm, vmas):
         elif k == "file-private" and not v.deleted:
             cow.append((v.start, v.end))
         elif k == "shmem" or (k == "file-private" and v.deleted):
-            whole.append((v.start, v.size))
+            data = shmem_runs(pid, v) if (k == "shmem" and pid is not None) else None
+            whole += [(v.start, v.size)] if data is None else data
     runs = []
     if anon:
         runs += [(s, e - s) for s, e, _ in pm.scan(anon, anyof=pagemap.PRESENT | pagemap.SWAPPED,
@@ -149,37 +190,41 @@ class Copier:
         """Copy the runs. Pages go to the image: as page records with zero runs apart (the bulk
         of round 0), or with scatter=True as one SCATTER record per batch (the written pages of
         later rounds, scattered and many). With a `sink` (a list) they are kept in memory, to be
-        written by write_sink() once the target runs again. Returns the number of pages copied;
+        written by write_sink() once the target runs again, as far as the buffers made by
+        prepare_sink() hold them; the rest is written at once. Returns the number of pages copied;
         `check` is called between batches."""
         pages = 0
         for batch in split_runs(runs):
             if check:
                 check()
             buf = self.buf
-            if sink is not None:
-                buf = self.spare.pop() if self.spare else bytearray(CHUNK)
+            # kept in memory only as far as the buffers prepared beforehand go (prepare_sink):
+            # past that the copy streams into the image, never buffering it all
+            to_sink = sink if (sink is not None and self.spare) else None
+            if to_sink is not None:
+                buf = self.spare.pop()
             try:
                 status = self.mem.read_runs(batch, buf)
             except OSError as e:
                 if e.errno == errno.ESRCH:
                     raise TargetGone("process %d exited during the dump" % self.pid) from None
                 raise
-            if sink is not None:
-                sink.append((batch, status, buf))
+            if to_sink is not None:
+                to_sink.append((batch, status, buf))
             view = memoryview(buf)
             off = 0
             ok, parts = [], []
             for (addr, length), err in zip(batch, status):
                 if err:
-                    pages += self._copy_pagewise(addr, length, sink)
+                    pages += self._copy_pagewise(addr, length, to_sink)
                 else:
-                    if sink is None and not scatter:
+                    if to_sink is None and not scatter:
                         emit_pages(self.writer, addr, view[off:off + length])
                     ok.append((addr, length))
                     parts.append(view[off:off + length])
                     pages += length // PAGE_SIZE
                 off += length
-            if sink is None and scatter and ok:
+            if to_sink is None and scatter and ok:
                 self.writer.add_scatter(ok, view[:off] if len(ok) == len(batch) else b"".join(parts))
         return pages
 

@@ -13,6 +13,7 @@
 import bisect
 import errno
 import os
+import select
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -70,7 +71,7 @@ class Dump:
         self.pid = pid
         self.opts = opts
         self.tracker = None
-        self.freezer = Freezer(pid)
+        self.freezer = Freezer(pid, check=self._check)
         self.writer = None
         self.copier = None
         self.rounds = []          # per round: {"round", "pages", "ms"}
@@ -134,7 +135,29 @@ class Dump:
 
     # ------------------------------------------------------------------ phases
     def run(self):
-        maps = check_target(self.pid)
+        maps = check_target(self.pid, self.opts.leave_running)
+        try:
+            self.pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            raise TargetGone("process %d exited" % self.pid) from None
+        try:
+            return self._run(maps)
+        finally:
+            os.close(self.pidfd)
+
+    def _target_exited(self):
+        """Whether the target has exited (or is exiting) since the dump began: its pidfd (taken
+        at the start, so a PID used again is no confusion) or its state says so."""
+        p = select.poll()
+        p.register(self.pidfd, select.POLLIN)
+        if p.poll(0):
+            return True
+        try:
+            return procfs.proc_state(self.pid) in ("Z", "X")
+        except CkptError:
+            return True
+
+    def _run(self, maps):
         refuse_namespaces(self.pid)
         files.refuse_untrackable(self.pid, maps)
         # every fd described while the target runs; one restore could not rebuild fails the
@@ -163,6 +186,11 @@ class Dump:
             self._frozen_phase()
         except BaseException as e:
             self._abandon()
+            # whatever failed while the target exited (a scan, a read, a stop, ...) failed
+            # because it exited: say so
+            if isinstance(e, Exception) and not isinstance(e, (DumpInterrupted, TargetGone)) \
+                    and self._target_exited():
+                raise TargetGone("process %d exited during the dump" % self.pid) from None
             if isinstance(e, OSError) and not isinstance(e, CkptError):
                 if e.errno == errno.ESRCH:
                     raise TargetGone("process %d exited during the dump" % self.pid) from None
@@ -178,7 +206,7 @@ class Dump:
         flags = O_CLOEXEC | O_NONBLOCK
         if self.mode == "async":
             flags |= USER_MODE_ONLY
-        fd = steal_uffd(self.pid, maps, flags)
+        fd = steal_uffd(self.pid, maps, flags, check=self._check)
         try:
             self.tracker = (AsyncTracker if self.mode == "async" else SyncTracker)(fd, self.pid)
         except BaseException:
@@ -202,7 +230,7 @@ class Dump:
         registered and protected; the caller copies their content. Those whose protection
         could not be set up cleanly are kept in self._suspect (see AsyncTracker.protect)."""
         rescan = [(v.start, v.end) for v in rescan]
-        stop = Freezer(self.pid)
+        stop = Freezer(self.pid, check=self._check)
         try:
             stop.freeze()
             maps = self._trackable(procfs.read_maps(self.pid))
@@ -277,6 +305,8 @@ class Dump:
         fds = files.capture(self.pid, self.fdctx, self.described)
         mark("state")
         maps = procfs.read_maps(self.pid, with_identity=True)
+        if not maps:
+            raise TargetGone("process %d exited during the dump" % self.pid)   # its memory is gone
         mark("maps")
         cov = self._coverage()
         tracked = [v for v in self._trackable(maps) if cov.covers(v)]
@@ -284,7 +314,7 @@ class Dump:
         untracked, runs = self.tracker.final(tracked)
         # what could not be protected cleanly in the last round is copied whole too
         untracked += [v for v in tracked if any(s.start < v.end and s.end > v.start for s in self._suspect)]
-        whole = copymod.content_runs(self.copier_pm(), full + untracked)
+        whole = copymod.content_runs(self.copier_pm(), full + untracked, pid=self.pid)
         # absent pages of what is copied whole, where the image holds pages of an earlier
         # mapping (see Copier.stale): zero pages, or the file's content copied again
         stale_zero, reread = self.copier.stale(full + untracked, whole)
@@ -298,16 +328,22 @@ class Dump:
             stale_zero += dropped_zero
             runs += dropped_file
         mark("final_scan")
+        # resume first when nothing more must be checked while frozen; a killed target dies only
+        # once its image is safely in place
+        early = self.opts.leave_running and not self.opts.verify
+        # zero records first: the final copy supersedes them where they meet
+        self.copier.zero(stale_zero)
         final = []
-        # stop-the-world copies everything while frozen anyway: straight into the image
-        pages = self.copier.copy(runs, sink=final if self.mode != "stop-the-world" else None, scatter=True)
+        # the final copy is kept in memory (as far as the buffers prepared for it go) only when
+        # the target resumes before the image is written; else it streams straight into the image
+        sink = final if (early and self.mode != "stop-the-world") else None
+        pages = self.copier.copy(runs, sink=sink, scatter=True)
         mark("final_copy")
         self.result["freeze_breakdown_ms"] = {k: round(v * 1000, 3) for k, v in marks}
         copy_ms = (time.perf_counter() - t_frozen) * 1000
         self.rounds.append({"round": len(self.rounds), "pages": pages, "ms": round(copy_ms, 3), "final": True})
 
         def write_tail():
-            self.copier.zero(stale_zero)
             self.copier.write_sink(final)
             self.writer.add_round(self.rounds[-1])
             self.writer.add_meta("process", process_state)
@@ -321,9 +357,6 @@ class Dump:
                                           "verified": self.opts.verify,
                                           "unreadable_pages": self.copier.unreadable_pages})
 
-        # resume first when nothing more must be checked while frozen; a killed target dies only
-        # once its image is safely in place
-        early = self.opts.leave_running and not self.opts.verify
         if early:
             self._release()
         write_tail()

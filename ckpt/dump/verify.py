@@ -7,7 +7,7 @@ pages) must hold exactly what the page holds now.
 import bisect
 import os
 
-from ckpt.dump.copy import merge_ranges
+from ckpt.dump.copy import merge_ranges, shmem_runs
 from ckpt.errors import VerifyError
 from ckpt.kernel import pagemap, procfs
 from ckpt.kernel.memio import MemIO, first_diff_page
@@ -79,7 +79,13 @@ def verify_frozen(pid, maps, reader):
                                                          ret_mask=pagemap.PRESENT)]
                 runs = merge_ranges(present + exp.image_runs(vma.start, vma.end))
             else:
-                runs = [[vma.start, vma.end]]
+                # shared memory: the pages holding data and what the image holds; the holes
+                # read as zero, as restore leaves them, and reading them would allocate them
+                data = shmem_runs(pid, vma) if vma.kind == "shmem" else None
+                if data is None:
+                    runs = [[vma.start, vma.end]]
+                else:
+                    runs = merge_ranges([(a, a + n) for a, n in data] + exp.image_runs(vma.start, vma.end))
             file_fd = None
             if vma.kind == "file-private" and not vma.deleted:
                 try:

@@ -7,6 +7,7 @@ import ctypes
 import errno
 import os
 import signal
+import time
 
 from ptrace.binding import func as pt
 from ptrace.binding.linux_struct import user_regs_struct
@@ -34,6 +35,67 @@ ERESTARTSYS = 512
 ERESTARTNOINTR = 513
 ERESTARTNOHAND = 514
 ERESTART_RESTARTBLOCK = 516
+
+
+POLL_S = 0.05            # how often a bounded wait looks at its check()
+
+
+class WaitTimeout(Exception):
+    """A thread did not report the stop (or exit) waited for in time."""
+
+    def __init__(self, tid, timeout):
+        super().__init__("thread %d did not stop within %g s" % (tid, timeout))
+        self.tid = tid
+        self.timeout = timeout
+
+
+_sigchld_depth = [0]
+
+
+class sigchld_blocked:
+    """SIGCHLD blocked in this thread for a stretch of bounded waits (re-entrant): each wait
+    then costs no sigprocmask calls of its own."""
+
+    def __enter__(self):
+        if _sigchld_depth[0] == 0:
+            self.was = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGCHLD,))
+        _sigchld_depth[0] += 1
+        return self
+
+    def __exit__(self, *exc):
+        _sigchld_depth[0] -= 1
+        if _sigchld_depth[0] == 0 and signal.SIGCHLD not in self.was:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGCHLD,))
+
+
+def wait_status(tid, timeout=None, check=None):
+    """waitpid(tid, __WALL): the next status of a traced thread. With a timeout (seconds) it
+    raises WaitTimeout when nothing comes in time; check() is called every POLL_S while
+    waiting (it raises to abandon the wait: ckpt's own SIGINT/SIGTERM). Raises
+    ChildProcessError when tid is not (or no longer) ours to wait for.
+
+    The bounded wait sleeps in sigtimedwait(SIGCHLD) with SIGCHLD blocked: every ptrace-stop
+    and exit of a tracee sends the tracer a SIGCHLD; one that came before the signal was
+    blocked is found by the WNOHANG waitpid that follows, one that came after stays pending
+    until sigtimedwait takes it, so no stop is missed and none costs a poll interval. (Every
+    other thread of ckpt blocks all signals, so the SIGCHLD cannot be taken elsewhere.)"""
+    if timeout is None and check is None:
+        return os.waitpid(tid, WALL)[1]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with sigchld_blocked():
+        while True:
+            got, st = os.waitpid(tid, WALL | os.WNOHANG)
+            if got:
+                return st
+            slice_s = POLL_S
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise WaitTimeout(tid, timeout)
+                slice_s = min(slice_s, left)
+            if check is not None:
+                check()
+            signal.sigtimedwait((signal.SIGCHLD,), slice_s)
 
 
 class _IoVec(ctypes.Structure):
@@ -65,12 +127,17 @@ def regs_from_dict(d):
 
 
 class Tracee:
-    """One thread under PTRACE_SEIZE. `stopped` tells whether we hold it in a ptrace-stop."""
+    """One thread under PTRACE_SEIZE. `stopped` tells whether we hold it in a ptrace-stop.
 
-    def __init__(self, tid):
+    `timeout` (seconds) and `check` bound every wait on the thread (see wait_status); None
+    waits as long as it takes (restore, whose threads are its own fresh ones)."""
+
+    def __init__(self, tid, timeout=None, check=None):
         self.tid = tid
         self.stopped = False
         self.pending_signal = 0  # a signal dequeued by a signal-delivery-stop, to pass on at detach
+        self.timeout = timeout
+        self.check = check
 
     # -- attach / stop / release ------------------------------------------------
     def seize(self):
@@ -79,13 +146,20 @@ class Tracee:
     def interrupt(self):
         _call(PTRACE_INTERRUPT, self.tid)
 
-    def wait_stop(self):
-        """Wait until the thread is in a ptrace-stop. Returns False if it exited instead."""
+    def wait_stop(self, timeout=False, check=False):
+        """Wait until the thread is in a ptrace-stop. Returns False if it exited instead; raises
+        WaitTimeout past the timeout (by default the thread's own; see wait_status)."""
+        timeout = self.timeout if timeout is False else timeout
+        check = self.check if check is False else check
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                _, st = os.waitpid(self.tid, WALL)
+                st = wait_status(self.tid, left, check)
             except ChildProcessError:
                 return False
+            except WaitTimeout:
+                raise WaitTimeout(self.tid, timeout) from None
             if os.WIFEXITED(st) or os.WIFSIGNALED(st):
                 return False
             if not os.WIFSTOPPED(st):
@@ -116,17 +190,23 @@ class Tracee:
                 raise
         self.stopped = False
 
-    def release(self):
+    def release(self, timeout=False):
         """Detach whatever state the thread is in: a seized thread that was never stopped needs
-        a stop before it can be detached. Best effort: a thread gone meanwhile is released."""
+        a stop before it can be detached. Best effort: a thread gone meanwhile is released. A
+        thread that does not stop in time (blocked in the kernel) stays seized until ckpt
+        exits, which detaches it; it is never waited for without bound. Returns whether the
+        thread is let go."""
         try:
             if not self.stopped:
                 self.interrupt()
-                if not self.wait_stop():
-                    return
+                if not self.wait_stop(timeout=self.timeout if timeout is False else timeout, check=None):
+                    return True
             self.detach()
+        except WaitTimeout:
+            return False
         except (PtraceError, OSError):
             pass
+        return True
 
     def cont(self, sig=0):
         _call(pt.PTRACE_CONT, self.tid, 0, sig)
@@ -182,9 +262,19 @@ class Tracee:
         return inject_parallel(syscall_insn, [(self, calls)])[0]
 
     def _wait_step(self):
-        """Wait for the single-step trap; other signals arriving meanwhile are kept for later."""
+        """Wait for the single-step trap; other signals arriving meanwhile are kept for later.
+        Bounded by the thread's timeout (an injected syscall that blocks), never abandoned for
+        ckpt's own signals: the thread runs our syscall and must be waited for to get its
+        registers back."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
-            _, st = os.waitpid(self.tid, WALL)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                st = wait_status(self.tid, left)
+            except WaitTimeout:
+                raise WaitTimeout(self.tid, self.timeout) from None
+            except ChildProcessError:
+                raise ProcessLookupError(errno.ESRCH, "thread %d exited during an injected syscall" % self.tid) from None
             if os.WIFEXITED(st) or os.WIFSIGNALED(st):
                 raise ProcessLookupError(errno.ESRCH, "thread %d exited during an injected syscall" % self.tid)
             if os.WIFSTOPPED(st) and (st >> 16) == 0:
@@ -215,6 +305,11 @@ def inject_parallel(syscall_insn, jobs):
     during the injection keeps the kernel's restart logic away from our fake rip); signals are
     blocked meanwhile.
     """
+    with sigchld_blocked():
+        return _inject_parallel(syscall_insn, jobs)
+
+
+def _inject_parallel(syscall_insn, jobs):
     states = []
     try:
         for t, calls in jobs:

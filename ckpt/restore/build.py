@@ -516,6 +516,11 @@ def _same_file(a, fd):
 
 
 def _deleted(m):
+    """Whether a mapped file was deleted at the dump: the flag the dump records (decided from the
+    mapped file itself); the " (deleted)" suffix of the name only for images made before it
+    (a file may really be named so)."""
+    if "deleted" in m:
+        return bool(m["deleted"])
     return m["path"].endswith(" (deleted)")
 
 
