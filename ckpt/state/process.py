@@ -306,7 +306,27 @@ def restore_after_credentials(remote, d, warn, trusted=False):
         remote.call(SYS_prctl, PR_SET_DUMPABLE, dumpable, 0, 0, 0, what="prctl(PR_SET_DUMPABLE, %d)" % dumpable)
     elif dumpable is not None and dumpable != 2:
         raise RestoreError("image: dumpable flag %r is not 0, 1 or 2" % (dumpable,))
-    restore_cgroups(remote.pid, d, warn, trusted)
+    try:
+        restore_cgroups(remote.pid, d, warn, trusted)
+    except BaseException:
+        _kill_other_threads(remote)
+        raise
+
+
+def _kill_other_threads(remote):
+    """A failure once the threads exist: the process is killed and its other threads reaped
+    here, so that whoever reaps the main thread next does not wait for them (the kernel reports
+    a thread group leader's exit only after its traced threads are reaped)."""
+    try:
+        os.kill(remote.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    for tid in list(remote.threads):
+        if tid != remote.pid:
+            try:
+                os.waitpid(tid, 0x40000000)      # __WALL
+            except ChildProcessError:
+                pass
 
 
 def restore_stop_state(pid, thread_records):
