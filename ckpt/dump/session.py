@@ -142,6 +142,14 @@ class Dump:
             raise TargetGone("process %d exited" % self.pid) from None
         try:
             return self._run(maps)
+        except (DumpInterrupted, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            # whatever failed while the target exited (a scan, a read, a stop, an fd that
+            # vanished, ...) failed because it exited: say so, the same way every time
+            if isinstance(e, TargetGone) or self._target_exited():
+                raise TargetGone("process %d exited during the dump" % self.pid) from None
+            raise
         finally:
             os.close(self.pidfd)
 
@@ -186,11 +194,6 @@ class Dump:
             self._frozen_phase()
         except BaseException as e:
             self._abandon()
-            # whatever failed while the target exited (a scan, a read, a stop, ...) failed
-            # because it exited: say so
-            if isinstance(e, Exception) and not isinstance(e, (DumpInterrupted, TargetGone)) \
-                    and self._target_exited():
-                raise TargetGone("process %d exited during the dump" % self.pid) from None
             if isinstance(e, OSError) and not isinstance(e, CkptError):
                 if e.errno == errno.ESRCH:
                     raise TargetGone("process %d exited during the dump" % self.pid) from None
