@@ -207,7 +207,7 @@ def test_other_network_namespace_is_refused(procs, tmp_path):
     fd = int(reader.readline().split()[2])      # the pair's second end: the first one, fd - 1, is met first
     rc, _, err = run_ckpt("dump", p.pid, "-o", tmp_path / "image", "--verify")
     assert rc != 0
-    assert "fd %d is a unix" % (fd - 1) in err and "another network namespace" in err, err
+    assert "is in its own network namespace" in err, err
     assert alive(p.pid)
     _finishes_ok(p, reader)
 

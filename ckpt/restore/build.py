@@ -79,6 +79,7 @@ class Plan:
             self.metas = m
             self.pid = self.proc["pid"]
             self.trusted = image_trust(path, self.reader.f.fileno(), self.proc, self.fds, self.opts)
+            process.check_cgroups(self.proc, self.trusted)
             self.paths = PathOpener(self.proc["creds"], check_content=not self.opts.allow_file_change)
             self._open_files()
             files.precheck(self.fds, self.paths, self.opts)
@@ -266,7 +267,9 @@ class Builder:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             return
-        for tid in list(self.remote.threads) if self.remote else [self.pid]:
+        tids = list(self.remote.threads) if self.remote else [self.pid]
+        # the kernel reports a thread group's leader only after its other (traced) threads
+        for tid in sorted(tids, key=lambda t: t == self.pid):
             try:
                 os.waitpid(tid, 0x40000000)
             except ChildProcessError:
