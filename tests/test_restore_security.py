@@ -89,9 +89,10 @@ def test_path_swapped_for_a_symlink_to_a_root_file_is_refused(procs, tmp_path, n
 
 def test_path_replaced_by_another_file_is_refused(procs, tmp_path, nobody_dir):
     pid, img, out, data, mapped = _dumped_holder(procs, tmp_path, nobody_dir)
-    data.unlink()
-    data.write_text("start\nw\n")       # the same name, size and owner: another inode
-    os.chown(data, NOBODY, NOBODY)
+    new = data.with_name("data.new")    # made while the old one exists: another inode for sure
+    new.write_text("start\nw\n")        # the same size and owner
+    os.chown(new, NOBODY, NOBODY)
+    os.rename(new, data)
     _refused(procs, img, pid, "fd 3: file %s is another file than at the dump" % re.escape(str(data)))
 
 
