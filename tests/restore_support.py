@@ -515,3 +515,11 @@ def procs(rs_built, subreaper):
     p = Procs()
     yield p
     p.teardown()
+
+
+@pytest.fixture(scope="module")
+def module_procs(rs_built, subreaper):
+    """procs shared by the tests of one module (for images made once per module)."""
+    p = Procs()
+    yield p
+    p.teardown()

@@ -28,7 +28,7 @@ import pytest
 
 from conftest import one_line_error
 from restore_support import (Procs, ckpt_argv, dump, exists, kill_and_reap, read_lines, reap_killed,  # noqa: F401
-                             rs_built, run_ckpt, subreaper, wait_file_line)
+                             module_procs, rs_built, run_ckpt, subreaper, wait_file_line)
 from ckpt.errors import CkptError, ImageError
 from ckpt.image import format as fmt
 from ckpt.image.reader import ImageReader
@@ -150,13 +150,6 @@ def ckpt_measured(tmp_path, *args):
 
 
 # ------------------------------------------------------------------ a restorable image
-@pytest.fixture(scope="module")
-def module_procs(rs_built, subreaper):
-    p = Procs()
-    yield p
-    p.teardown()
-
-
 @pytest.fixture(scope="module")
 def fd_image(module_procs, tmp_path_factory):
     """An lz4 image of fdcheck (files, a directory, /dev/null, pipes with data), killed by the

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from conftest import one_line_error
 from restore_support import (Procs, alive, ckpt_argv, describe_status, dump, exe, exists,  # noqa: F401
                              image_meta, kill_and_reap, read_lines, reap_killed, rs_built, run_ckpt,
-                             start_time, subreaper, wait_file_line, wait_gone)
+                             module_procs, start_time, subreaper, wait_file_line, wait_gone)
 from ckpt.image import format as fmt
 from ckpt.image.reader import ImageReader
 
@@ -30,13 +30,6 @@ ARGS = (2, 5000, 20, 4, 40, 0)
 
 def _has_iter(line):
     return line.startswith("iter ")
-
-
-@pytest.fixture(scope="module")
-def module_procs(rs_built, subreaper):
-    p = Procs()
-    yield p
-    p.teardown()
 
 
 @pytest.fixture(scope="module")
