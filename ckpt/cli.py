@@ -73,14 +73,16 @@ def main():
               type=click.Choice(["auto", "async", "sync", "stop-the-world"]))
 @click.option("--verify", is_flag=True, help="re-read all memory while frozen and compare it with the image")
 @click.option("--compress", default="lz4", show_default=True, type=click.Choice(["lz4", "none"]))
+@click.option("--single", is_flag=True,
+              help="dump the process alone, not its descendants (refused where that would cut it from them)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object with the results")
-def dump(pid, output, leave_running, max_pause, rounds, mode, verify, compress, as_json):
+def dump(pid, output, leave_running, max_pause, rounds, mode, verify, compress, single, as_json):
     """Dump process PID into an image while it keeps running."""
     from ckpt.dump.session import DumpOptions
     from ckpt.dump.session import dump as do_dump
     with _Signals() as sigs:
         opts = DumpOptions(output=output, leave_running=leave_running, max_pause_ms=max_pause, rounds=rounds,
-                           mode=mode, verify=verify, compress=compress,
+                           mode=mode, verify=verify, compress=compress, single=single,
                            progress=_Progress(sys.stderr.isatty() and not as_json), interrupted=sigs)
         try:
             res = do_dump(pid, opts)
@@ -90,6 +92,9 @@ def dump(pid, output, leave_running, max_pause, rounds, mode, verify, compress, 
         click.echo(json.dumps(res))
         return
     click.echo("dumped process %d (%s mode) to %s" % (pid, res["mode"], res["image"]))
+    if len(res["processes"]) > 1 or res["zombies"]:
+        click.echo("  processes: %s%s" % (" ".join(map(str, res["processes"])),
+                                          ("; zombies: %s" % " ".join(map(str, res["zombies"]))) if res["zombies"] else ""))
     click.echo("  rounds (pages): %s" % ", ".join(str(r) for r in res["rounds"]))
     click.echo("  freeze window: %.3f ms" % res["freeze_ms"])
     click.echo("  pages written: %d (%.1f MiB), image %.1f MiB, live copy %s GB/s, total %.2f s"

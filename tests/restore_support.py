@@ -48,6 +48,7 @@ HAVE_AVX2 = "avx2" in cpu_flags()
 FP_FLAGS = ["-mavx2"] if HAVE_AVX2 else ["-msse4.2"]
 C_TARGETS = {
     "compute": [],
+    "family": [],
     "blocker": [],
     "fdcheck": [],
     "evfds": [],

@@ -120,7 +120,7 @@ class Copier:
     def held(self):
         """The address ranges the image holds pages for, in any kind of record (PAGES, ZERO,
         SCATTER), merged and sorted."""
-        ranges = self.writer.page_ranges
+        ranges = self.writer.spaces.get(self.pid, [])
         if self._held_upto < len(ranges):
             new = ranges[self._held_upto:]
             self._held_upto = len(ranges)
@@ -168,6 +168,7 @@ class Copier:
 
     def zero(self, runs):
         """Record runs as zero pages (no payload)."""
+        self.writer.set_space(self.pid)
         for addr, length in runs:
             self.writer.add_zero(addr, length // PAGE_SIZE)
         return sum(length for _, length in runs) // PAGE_SIZE
@@ -186,14 +187,18 @@ class Copier:
                 b[i] = 1
             self.spare.append(b)
 
-    def copy(self, runs, sink=None, check=None, scatter=False):
+    def copy(self, runs, sink=None, check=None, scatter=False, space=None, shift=0):
         """Copy the runs. Pages go to the image: as page records with zero runs apart (the bulk
         of round 0), or with scatter=True as one SCATTER record per batch (the written pages of
         later rounds, scattered and many). With a `sink` (a list) they are kept in memory, to be
         written by write_sink() once the target runs again, as far as the buffers made by
         prepare_sink() hold them; the rest is written at once. Returns the number of pages copied;
-        `check` is called between batches."""
+        `check` is called between batches. space, shift: the pages go to another address space
+        of the image (a shared memory object's), at their address + shift (no sink then)."""
         pages = 0
+        self.writer.set_space(self.pid if space is None else space)
+        if space is not None:
+            sink = None
         for batch in split_runs(runs):
             if check:
                 check()
@@ -216,11 +221,11 @@ class Copier:
             ok, parts = [], []
             for (addr, length), err in zip(batch, status):
                 if err:
-                    pages += self._copy_pagewise(addr, length, to_sink)
+                    pages += self._copy_pagewise(addr, length, to_sink, shift)
                 else:
                     if to_sink is None and not scatter:
-                        emit_pages(self.writer, addr, view[off:off + length])
-                    ok.append((addr, length))
+                        emit_pages(self.writer, addr + shift, view[off:off + length])
+                    ok.append((addr + shift, length))
                     parts.append(view[off:off + length])
                     pages += length // PAGE_SIZE
                 off += length
@@ -228,7 +233,7 @@ class Copier:
                 self.writer.add_scatter(ok, view[:off] if len(ok) == len(batch) else b"".join(parts))
         return pages
 
-    def _copy_pagewise(self, addr, length, sink):
+    def _copy_pagewise(self, addr, length, sink, shift=0):
         """A run failed as a whole: copy what can be read page by page (pages past the end of a
         mapped file cannot be accessed by the process either, and are left out)."""
         n = 0
@@ -241,12 +246,13 @@ class Copier:
                 sink.append(([(a, PAGE_SIZE)], [0], bytes(page)))
                 page = bytearray(PAGE_SIZE)
             else:
-                emit_pages(self.writer, a, memoryview(page))
+                emit_pages(self.writer, a + shift, memoryview(page))
             n += 1
         return n
 
     def write_sink(self, sink):
         """Write what the frozen phase copied, one SCATTER record per batch."""
+        self.writer.set_space(self.pid)
         for batch, status, data in sink:
             view = memoryview(data)
             off = 0

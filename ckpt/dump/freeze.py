@@ -185,14 +185,25 @@ class Freezer:
     def _freeze(self):
         self.preseize()
         self.t_first_interrupt = time.perf_counter()
-        pending = list(self.threads.values())
+        self.interrupt_all()
+        return self.await_all()
+
+    def interrupt_all(self):
+        """Interrupt every seized thread not stopped yet (the first half of a freeze)."""
+        for t in self.threads.values():
+            if t.stopped:
+                continue
+            try:
+                t.interrupt()
+            except PtraceError as e:
+                if e.errno != errno.ESRCH:
+                    raise
+
+    def await_all(self):
+        """Wait until every interrupted thread is stopped; threads created meanwhile are caught
+        by listing the tasks again until a listing finds nothing new (the second half)."""
+        pending = [t for t in self.threads.values() if not t.stopped]
         while True:
-            for t in pending:
-                try:
-                    t.interrupt()
-                except PtraceError as e:
-                    if e.errno != errno.ESRCH:
-                        raise
             for t in pending:
                 if not await_stop(self.pid, t, self.timeout, self.check):
                     self.threads.pop(t.tid, None)
@@ -205,6 +216,12 @@ class Freezer:
                         new.append(t)
             if not new:
                 break
+            for t in new:
+                try:
+                    t.interrupt()
+                except PtraceError as e:
+                    if e.errno != errno.ESRCH:
+                        raise
             pending = new
         if not self.threads:
             raise TargetGone("process %d exited" % self.pid)

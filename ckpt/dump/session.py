@@ -20,16 +20,16 @@ from typing import Callable, Optional
 
 from ckpt import __version__
 from ckpt.dump import copy as copymod
+from ckpt.dump import tree
 from ckpt.dump.freeze import O_CLOEXEC, O_NONBLOCK, Freezer, check_target, steal_uffd
 from ckpt.dump.tracker import AsyncTracker, NoTracker, SyncTracker
 from ckpt.dump.verify import verify_frozen
 from ckpt import files
 from ckpt.errors import CkptError, DumpInterrupted, KernelFeatureError, TargetError, TargetGone
-from ckpt.image.reader import ImageReader
 from ckpt.image.writer import ImageWriter
 from ckpt.kernel import features, pagemap, procfs
 from ckpt.kernel.native import PAGE_SIZE
-from ckpt.kernel.ptrace import find_syscall_insn
+from ckpt.kernel.ptrace import find_syscall_insn, sigchld_blocked
 from ckpt.kernel.uffd import USER_MODE_ONLY
 from ckpt.state.inject import Injector
 from ckpt.state.process import dump_process, exe_identity, refuse_namespaces
@@ -49,6 +49,7 @@ class DumpOptions:
     mode: str = "auto"
     verify: bool = False
     compress: str = "lz4"
+    single: bool = False        # the process alone, not its descendants (refused where that cuts it)
     progress: Optional[Callable] = None
     interrupted: Callable = field(default=lambda: None)   # returns a signal number or None
 
@@ -66,21 +67,64 @@ class _Coverage:
         return i >= 0 and self.merged[i][1] >= v.end
 
 
+class Member:
+    """One process of the dumped tree, as the dump works on it: its tracker, copier, threads
+    held in the freeze, fds, and what the freeze captured of it."""
+
+    def __init__(self, pid, dump, late=False):
+        self.pid = pid
+        self.freezer = Freezer(pid, check=dump._check)
+        self.fdctx = files.FreezeContext(pid, dump.opts.leave_running)
+        self.tracker = NoTracker() if late else None
+        self.late = late            # appeared after the trackers were armed: copied whole in the freeze
+        self.copier = None
+        self.suspect = []           # registered, but protecting them failed: arm again or copy whole
+        self.described = None
+        self.insn = None
+        self.maps = None            # at the freeze
+        self.records = None         # process, threads, mappings (filled in the freeze)
+        self.final = []             # the final copy kept in memory (see Copier.copy's sink)
+        self._pm = None
+
+    def coverage(self):
+        return _Coverage(self.tracker.registered.keys() if hasattr(self.tracker, "registered") else [])
+
+    def pm(self):
+        if getattr(self.tracker, "pm", None) is not None:
+            return self.tracker.pm
+        if self._pm is None:
+            self._pm = pagemap.Pagemap(self.pid)
+        return self._pm
+
+    def close(self):
+        if self.copier:
+            self.copier.close()
+            self.copier = None
+        if self._pm is not None:
+            self._pm.close()
+            self._pm = None
+
+
 class Dump:
+    """A dump of a process and, unless opts.single, all its descendants: every process tracked
+    live, one freeze for all (every thread of every process stopped before any final copy),
+    one image holding one address space per process (SPACE records) and the tree."""
+
     def __init__(self, pid, opts):
         self.pid = pid
         self.opts = opts
-        self.tracker = None
-        self.freezer = Freezer(pid, check=self._check)
+        self.members = {}         # pid -> Member (alive processes), parents before children
+        self.zombies = []         # links of descendants that have exited, not yet reaped
         self.writer = None
-        self.copier = None
         self.rounds = []          # per round: {"round", "pages", "ms"}
-        self._suspect = []        # registered, but protecting them failed: arm again or copy whole
         self.mode = None
-        self.fdctx = files.FreezeContext(pid, opts.leave_running)
-        self.described = None
+        self.spare = []           # buffers for the frozen phase's copy, shared by the copiers
         self.t0 = time.perf_counter()
         self.result = {}
+
+    @property
+    def root(self):
+        return self.members[self.pid]
 
     # ------------------------------------------------------------------ helpers
     def _progress(self, **info):
@@ -101,7 +145,7 @@ class Dump:
         if mode == "auto":
             if feats["async"]:
                 return "async"
-            if feats["sync"] and _privileged(self.pid):
+            if feats["sync"] and all(_privileged(p) for p in self.members):
                 return "sync"
             return "stop-the-world"
         if mode == "async" and not feats["async"]:
@@ -110,7 +154,7 @@ class Dump:
         if mode == "sync":
             if not feats["sync"]:
                 raise KernelFeatureError("sync mode needs userfaultfd write-protect (Linux 5.7+)")
-            if not _privileged(self.pid):
+            if not all(_privileged(p) for p in self.members):
                 raise KernelFeatureError("sync mode needs a privileged target (CAP_SYS_PTRACE) on this system "
                                          "(vm.unprivileged_userfaultfd=0); use --mode async")
         return mode
@@ -118,20 +162,50 @@ class Dump:
     def _trackable(self, maps):
         return [v for v in maps if v.kind in TRACKABLE]
 
-    def _coverage(self):
-        return _Coverage(self.tracker.registered.keys() if hasattr(self.tracker, "registered") else [])
-
-    def _copy_round(self, index, runs, extra_pages=0, t_start=None):
+    def _copy_round(self, index, work, t_start=None):
+        """One round: work = [(member, runs)]."""
         t = time.perf_counter() if t_start is None else t_start
-        # round 0 streams big contiguous runs (zero runs kept apart); later rounds scattered pages
-        pages = self.copier.copy(runs, check=self._check, scatter=index > 0) + extra_pages
+        pages = 0
+        for m, runs in work:
+            # round 0 streams big contiguous runs (zero runs kept apart); later rounds scattered pages
+            pages += m.copier.copy(runs, check=self._check, scatter=index > 0)
         ms = (time.perf_counter() - t) * 1000
         info = {"round": index, "pages": pages, "ms": round(ms, 3)}
         self.rounds.append(info)
         self.writer.add_round(info)
-        self.copier.held()   # brought up to date now, so that the frozen phase need not
+        for m, _ in work:
+            m.copier.held()   # brought up to date now, so that the frozen phase need not
         self._progress(event="round", **info)
         return pages, ms
+
+    def _live(self, fn):
+        """fn(member) for every member; a process of the tree (not the one dumped) that exits
+        meanwhile leaves the tree (a fork-heavy program's short-lived children)."""
+        out = []
+        for m in list(self.members.values()):
+            try:
+                out.append((m, fn(m)))
+            except Exception as e:
+                if m.pid == self.pid or not (isinstance(e, (TargetGone, ProcessLookupError))
+                                             or _exited(m.pid) or getattr(e, "errno", None) == errno.ESRCH):
+                    raise
+                self._drop(m)
+        return out
+
+    def _drop(self, m):
+        self.members.pop(m.pid, None)
+        try:
+            m.fdctx.failed()
+        except Exception:
+            pass
+        m.freezer.thaw()
+        if m.tracker is not None:
+            try:
+                m.tracker.disarm()
+            except Exception:
+                pass
+            m.tracker = None
+        m.close()
 
     # ------------------------------------------------------------------ phases
     def run(self):
@@ -147,11 +221,15 @@ class Dump:
         except Exception as e:
             # whatever failed while the target exited (a scan, a read, a stop, an fd that
             # vanished, ...) failed because it exited: say so, the same way every time
-            if isinstance(e, TargetGone) or self._target_exited():
+            if isinstance(e, TargetGone) and "exited during the dump" in str(e):
+                raise
+            if self._target_exited():
                 raise TargetGone("process %d exited during the dump" % self.pid) from None
             raise
         finally:
             os.close(self.pidfd)
+            for m in self.members.values():
+                m.close()
 
     def _target_exited(self):
         """Whether the target has exited (or is exiting) since the dump began: its pidfd (taken
@@ -165,12 +243,32 @@ class Dump:
         except CkptError:
             return True
 
+    def _discover(self):
+        """The tree: the target and its descendants (or the target alone with --single, after
+        checking that nothing would be cut from it)."""
+        self.members = {self.pid: Member(self.pid, self)}
+        below = tree.descendants(self.pid)
+        if self.opts.single:
+            tree.refuse_cut(self.pid, below)
+            return
+        for info in below:
+            if info["state"] in ("Z", "X"):
+                self.zombies.append(info)
+                continue
+            check_target(info["pid"], leave_running=True)
+            self.members[info["pid"]] = Member(info["pid"], self)
+        tree.check_links(self.pid, [procfs.links(p) for p in self.members] + self.zombies)
+        tree.refuse_outside_sharing(self.pid, list(self.members))
+
     def _run(self, maps):
-        refuse_namespaces(self.pid)
-        files.refuse_untrackable(self.pid, maps)
+        self._discover()
+        for pid in self.members:
+            refuse_namespaces(pid)
+            files.refuse_untrackable(pid, maps if pid == self.pid else procfs.read_maps(pid))
         # every fd described while the target runs; one restore could not rebuild fails the
         # dump up front
-        self.described = files.check(self.pid)
+        for m in self.members.values():
+            m.described = files.check(m.pid)
         self.mode = self._choose_mode()
         out_dir = os.path.dirname(os.path.abspath(self.opts.output))
         try:
@@ -178,17 +276,15 @@ class Dump:
         except OSError as e:
             raise CkptError("cannot create the image in %s: %s" % (out_dir, e.strerror)) from None
         try:
-            self.insn = find_syscall_insn(self.pid, maps)
-            self.copier = copymod.Copier(self.pid, self.writer)
+            for m in list(self.members.values()):
+                self._start(m, maps if m.pid == self.pid else None)
             if self.mode != "stop-the-world":
                 # buffers for the frozen phase's copy, touched before anything starts: touching
                 # fresh memory costs ~3 us a page here, and done later it would lengthen the
                 # rounds or the freeze. 32 MiB holds a final copy far over any pause budget.
-                self.copier.prepare_sink(SINK_PREPARED)
-            if self.mode == "stop-the-world":
-                self.tracker = NoTracker()
-            else:
-                self._arm(maps)
+                self.root.copier.prepare_sink(SINK_PREPARED)
+            if self.mode != "stop-the-world":
+                self._arm()
                 self._live_rounds()
             self._check()
             self._frozen_phase()
@@ -199,30 +295,42 @@ class Dump:
                     raise TargetGone("process %d exited during the dump" % self.pid) from None
                 raise CkptError("dump of process %d failed: %s" % (self.pid, _os_message(e))) from e
             raise
-        finally:
-            if self.copier:
-                self.copier.close()
         return self.result
 
-    def _arm(self, maps):
+    def _start(self, m, maps=None):
+        try:
+            m.insn = find_syscall_insn(m.pid, maps if maps is not None else procfs.read_maps(m.pid))
+        except CkptError:
+            if m.pid == self.pid:
+                raise
+            raise TargetGone("process %d exited" % m.pid) from None
+        m.copier = copymod.Copier(m.pid, self.writer)
+        m.copier.spare = self.spare
+        if self.mode == "stop-the-world":
+            m.tracker = NoTracker()
+
+    def _arm(self):
         self._check()
+        t = time.perf_counter()
+        work = self._live(self._arm_member)
+        # round 0: every page whose content is not known from elsewhere, while the target runs
+        self._progress(event="arm", pages=sum(pagemap.count_pages(runs) for _, runs in work))
+        self._copy_round(0, work, t_start=t)
+
+    def _arm_member(self, m):
         flags = O_CLOEXEC | O_NONBLOCK
         if self.mode == "async":
             flags |= USER_MODE_ONLY
-        fd = steal_uffd(self.pid, maps, flags, check=self._check)
+        fd = steal_uffd(m.pid, procfs.read_maps(m.pid), flags, check=self._check)
         try:
-            self.tracker = (AsyncTracker if self.mode == "async" else SyncTracker)(fd, self.pid)
+            m.tracker = (AsyncTracker if self.mode == "async" else SyncTracker)(fd, m.pid)
         except BaseException:
             os.close(fd)
             raise
-        t = time.perf_counter()
-        ok = self._register_stopped()
-        # round 0: every page whose content is not known from elsewhere, while the target runs
-        runs = copymod.content_runs(self.tracker.pm, ok)
-        self._progress(event="arm", pages=pagemap.count_pages(runs))
-        self._copy_round(0, runs, t_start=t)
+        ok = self._register_stopped(m)
+        return copymod.content_runs(m.tracker.pm, ok)
 
-    def _register_stopped(self, rescan=()):
+    def _register_stopped(self, m, rescan=()):
         """Register every trackable mapping not registered yet (and those overlapping `rescan`)
         with all threads stopped, from a maps listing read while they are stopped.
 
@@ -231,19 +339,38 @@ class Dump:
         splits the VMAs it covers partly), and the target's own mremap() of a mapping that now
         spans two VMAs then fails with EFAULT, or moves only part of it. Returns the mappings
         registered and protected; the caller copies their content. Those whose protection
-        could not be set up cleanly are kept in self._suspect (see AsyncTracker.protect)."""
+        could not be set up cleanly are kept in m.suspect (see AsyncTracker.protect)."""
         rescan = [(v.start, v.end) for v in rescan]
-        stop = Freezer(self.pid, check=self._check)
+        stop = Freezer(m.pid, check=self._check)
         try:
             stop.freeze()
-            maps = self._trackable(procfs.read_maps(self.pid))
-            cov = self._coverage()
+            maps = self._trackable(procfs.read_maps(m.pid))
+            cov = m.coverage()
             cand = [v for v in maps if not cov.covers(v) or any(s < v.end and e > v.start for s, e in rescan)]
-            ok, _refused = self.tracker.register(cand)
+            ok, _refused = m.tracker.register(cand)
         finally:
             stop.thaw()
-        self._suspect = self.tracker.protect(ok)
+        m.suspect = m.tracker.protect(ok)
         return ok
+
+    def _round_member(self, m):
+        maps = procfs.read_maps(m.pid)
+        cov = m.coverage()
+        new = [v for v in self._trackable(maps) if not cov.covers(v)]
+        tracked = [v for v in self._trackable(maps) if cov.covers(v)]
+        untracked, runs = m.tracker.written(tracked)
+        if new or untracked or m.suspect:
+            # new or moved mappings: arm them, then copy all their content; so too what
+            # lies where a scan failed (the writes it had found there are lost), and what
+            # could not be protected cleanly last time
+            ok = self._register_stopped(m, untracked + m.suspect)
+            whole = copymod.content_runs(m.tracker.pm, ok)
+            # their absent pages, where the image holds pages of an earlier mapping: zero
+            # (recorded before this round's copies, which supersede them) or the file's
+            zero, reread = m.copier.stale(ok, whole)
+            m.copier.zero(zero)
+            runs = runs + whole + reread
+        return runs
 
     def _live_rounds(self):
         prev = None
@@ -251,24 +378,9 @@ class Dump:
         for k in range(1, self.opts.rounds + 1):
             self._check()
             t = time.perf_counter()
-            maps = procfs.read_maps(self.pid)
-            cov = self._coverage()
-            new = [v for v in self._trackable(maps) if not cov.covers(v)]
-            tracked = [v for v in self._trackable(maps) if cov.covers(v)]
-            untracked, runs = self.tracker.written(tracked)
+            work = self._live(self._round_member)
             t_scan = time.perf_counter()
-            if new or untracked or self._suspect:
-                # new or moved mappings: arm them, then copy all their content; so too what
-                # lies where a scan failed (the writes it had found there are lost), and what
-                # could not be protected cleanly last time
-                ok = self._register_stopped(untracked + self._suspect)
-                whole = copymod.content_runs(self.tracker.pm, ok)
-                # their absent pages, where the image holds pages of an earlier mapping: zero
-                # (recorded before this round's copies, which supersede them) or the file's
-                zero, reread = self.copier.stale(ok, whole)
-                self.copier.zero(zero)
-                runs = runs + whole + reread
-            pages, ms = self._copy_round(k, runs, t_start=t)
+            pages, ms = self._copy_round(k, work, t_start=t)
             interval = max(t_scan - t_scan_prev, 1e-6)
             t_scan_prev = t_scan
             copy_s = time.perf_counter() - t_scan
@@ -282,83 +394,110 @@ class Dump:
                 break   # the dirty set no longer shrinks
             prev = pages
 
+    def _freeze_all(self):
+        with sigchld_blocked():
+            self._freeze_members()
+
+    def _freeze_members(self):
+        """Every thread of every process of the tree held: interrupted all at once, then waited
+        for. Processes forked meanwhile (before their parent stopped) join, copied whole;
+        processes that exited leave (their parent, frozen, has not reaped them: zombies)."""
+        pending = list(self.members.values())
+        for m in pending:
+            m.freezer.preseize()
+        first = time.perf_counter()
+        while pending:
+            for m in pending:
+                m.freezer.interrupt_all()
+            for m in pending:
+                try:
+                    m.freezer.await_all()
+                except TargetGone:
+                    if m.pid == self.pid:
+                        raise
+                    self._drop(m)
+            if self.opts.single:
+                break
+            pending = []
+            self.zombies = []
+            for info in tree.descendants(self.pid):
+                if info["state"] in ("Z", "X"):
+                    self.zombies.append(info)
+                elif info["pid"] not in self.members and info["ppid"] in self.members:
+                    m = Member(info["pid"], self, late=True)
+                    check_target(m.pid, leave_running=True)
+                    self._start(m)
+                    refuse_namespaces(m.pid)
+                    m.described = files.check(m.pid)
+                    m.freezer.preseize()
+                    self.members[m.pid] = m
+                    pending.append(m)
+        # parents before children, as restore creates them
+        order = [self.pid] + [i["pid"] for i in tree.descendants(self.pid) if i["pid"] in self.members]
+        self.members = {p: self.members[p] for p in order if p in self.members}
+        tree.check_links(self.pid, [procfs.links(p) for p in self.members] + self.zombies)
+        self.t_first_interrupt = first
+        for m in self.members.values():
+            m.freezer.t_first_interrupt = first
+
     def _frozen_phase(self):
         self._check()
-        self.freezer.freeze()
+        self._freeze_all()
         self._progress(event="frozen")
-        threads = self.freezer.threads
         t_frozen = time.perf_counter()
-        marks = [("stop_threads", t_frozen - self.freezer.t_first_interrupt)]
+        marks = [("stop_threads", t_frozen - self.t_first_interrupt)]
         lap = [t_frozen]
 
         def mark(name):
             now = time.perf_counter()
             marks.append((name, now - lap[0]))
             lap[0] = now
-        # state first: the injected calls borrow (and give back) scratch bytes on thread stacks
-        injector = Injector(self.pid, self.insn)
-        try:
-            thread_state = dump_threads(list(threads.values()), injector)
-            process_state = dump_process(self.pid, self.freezer.leader, injector)
-        finally:
-            injector.close()
-        process_state["exe_file"] = exe_identity(self.pid)
-        for name in ("cwd", "root"):     # which directories: restore checks it gets the same ones back
-            process_state[name + "_file"] = _dir_identity(self.pid, name)
-        fds = files.capture(self.pid, self.fdctx, self.described)
+        for m in self.members.values():
+            self._capture_state(m)
+        tables = files.capture_tree([(m.pid, m.fdctx, m.described) for m in self.members.values()])
         mark("state")
-        maps = procfs.read_maps(self.pid, with_identity=True)
-        if not maps:
-            raise TargetGone("process %d exited during the dump" % self.pid)   # its memory is gone
+        for m in self.members.values():
+            m.maps = procfs.read_maps(m.pid, with_identity=True)
+            if not m.maps:
+                raise TargetGone("process %d exited during the dump" % m.pid)   # its memory is gone
         mark("maps")
-        cov = self._coverage()
-        tracked = [v for v in self._trackable(maps) if cov.covers(v)]
-        full = [v for v in maps if v.kind in TRACKABLE + ("shmem",) and not cov.covers(v)]
-        untracked, runs = self.tracker.final(tracked)
-        # what could not be protected cleanly in the last round is copied whole too
-        untracked += [v for v in tracked if any(s.start < v.end and s.end > v.start for s in self._suspect)]
-        whole = copymod.content_runs(self.copier_pm(), full + untracked, pid=self.pid)
-        # absent pages of what is copied whole, where the image holds pages of an earlier
-        # mapping (see Copier.stale): zero pages, or the file's content copied again
-        stale_zero, reread = self.copier.stale(full + untracked, whole)
-        runs = runs + whole + reread
-        if self.mode == "sync":
-            # sync mode sees write faults only: a page dropped meanwhile (MADV_DONTNEED) reads
-            # as zero (or as its file) now and never faulted. The pages the image holds that
-            # are absent now: zero pages, or the file's content copied again
-            present = copymod.content_runs(self.copier_pm(), tracked)
-            dropped_zero, dropped_file = self.copier.stale(tracked, present + runs)
-            stale_zero += dropped_zero
-            runs += dropped_file
-        mark("final_scan")
         # resume first when nothing more must be checked while frozen; a killed target dies only
         # once its image is safely in place
         early = self.opts.leave_running and not self.opts.verify
-        # zero records first: the final copy supersedes them where they meet
-        self.copier.zero(stale_zero)
-        final = []
-        # the final copy is kept in memory (as far as the buffers prepared for it go) only when
-        # the target resumes before the image is written; else it streams straight into the image
-        sink = final if (early and self.mode != "stop-the-world") else None
-        pages = self.copier.copy(runs, sink=sink, scatter=True)
+        pages = 0
+        for m in self.members.values():
+            pages += self._final_copy(m, early)
+        shm = tree.SharedMemory(self.writer)
+        for m in self.members.values():
+            shm.add(m.pid, m.maps)
+        pages += shm.copy({p: m.copier for p, m in self.members.items()})
         mark("final_copy")
         self.result["freeze_breakdown_ms"] = {k: round(v * 1000, 3) for k, v in marks}
         copy_ms = (time.perf_counter() - t_frozen) * 1000
         self.rounds.append({"round": len(self.rounds), "pages": pages, "ms": round(copy_ms, 3), "final": True})
+        root = self.root
 
         def write_tail():
-            self.copier.write_sink(final)
+            for m in self.members.values():
+                m.copier.write_sink(m.final)
             self.writer.add_round(self.rounds[-1])
+            process_state, thread_state, maps = root.records
             self.writer.add_meta("process", process_state)
             self.writer.add_meta("threads", thread_state)
             self.writer.add_meta("mappings", [v.to_json() for v in maps])
-            self.writer.add_meta("fds", fds)
-            for name, value in self.fdctx.meta.items():
+            self.writer.add_meta("fds", tables[self.pid])
+            self.writer.add_meta("tree", tree.record(self.pid, self.members, self.zombies, tables, shm))
+            meta = {}
+            for m in self.members.values():
+                meta.update(m.fdctx.meta)
+            for name, value in meta.items():
                 self.writer.add_meta(name, value)
             self.writer.add_meta("dump", {"mode": self.mode, "rounds": self.rounds, "pid": self.pid,
                                           "leave_running": self.opts.leave_running,
                                           "verified": self.opts.verify,
-                                          "unreadable_pages": self.copier.unreadable_pages})
+                                          "processes": list(self.members),
+                                          "unreadable_pages": sum(m.copier.unreadable_pages
+                                                                  for m in self.members.values())})
 
         if early:
             self._release()
@@ -366,8 +505,12 @@ class Dump:
         self.writer.finish()
         verified = False
         if self.opts.verify:
-            with ImageReader(self.writer.tmp_path) as reader:
-                self.result["pages_verified"] = verify_frozen(self.pid, maps, reader)
+            with self.writer.reader() as reader:
+                n = 0
+                spaces = {key: o["space"] for key, o in shm.objects.items()}
+                for m in self.members.values():
+                    n += verify_frozen(m.pid, m.maps, reader, spaces)
+                self.result["pages_verified"] = n
             verified = True
         if not early:
             self._check()
@@ -376,16 +519,18 @@ class Dump:
         self.writer.commit()
         if not self.opts.leave_running:
             self._release()
+        freeze_ms = ((self.t_release - self.t_first_interrupt) * 1000.0)
         self.result.update({
             "pid": self.pid, "mode": self.mode, "image": os.path.abspath(self.opts.output),
-            "freeze_ms": round(self.freezer.freeze_ms, 3),
+            "freeze_ms": round(freeze_ms, 3),
+            "processes": list(self.members), "zombies": [z["pid"] for z in self.zombies],
             "rounds": [r["pages"] for r in self.rounds],
             "round_ms": [r["ms"] for r in self.rounds],
             "pages_written": sum(r["pages"] for r in self.rounds),
             "bytes_written": sum(r["pages"] for r in self.rounds) * PAGE_SIZE,
             "image_bytes": self.writer.offset,
             "elapsed_s": round(time.perf_counter() - self.t0, 4),
-            "verified": verified, "threads": len(thread_state),
+            "verified": verified, "threads": sum(len(m.records[1]) for m in self.members.values()),
             "left_running": self.opts.leave_running,
         })
         live = [r for r in self.rounds if not r.get("final")]
@@ -393,44 +538,98 @@ class Dump:
         live_s = sum(r["ms"] for r in live) / 1000
         self.result["live_copy_gbps"] = round(live_pages * PAGE_SIZE / live_s / 1e9, 3) if live_s else None
 
-    def copier_pm(self):
-        if getattr(self.tracker, "pm", None) is not None:
-            return self.tracker.pm
-        if not hasattr(self, "_pm"):
-            self._pm = pagemap.Pagemap(self.pid)
-        return self._pm
+    def _capture_state(self, m):
+        """Thread and process state of a frozen member, through injected syscalls (which borrow,
+        and give back, scratch bytes on thread stacks)."""
+        injector = Injector(m.pid, m.insn)
+        try:
+            thread_state = dump_threads(list(m.freezer.threads.values()), injector)
+            process_state = dump_process(m.pid, m.freezer.leader, injector)
+        finally:
+            injector.close()
+        process_state["exe_file"] = exe_identity(m.pid)
+        for name in ("cwd", "root"):     # which directories: restore checks it gets the same ones back
+            process_state[name + "_file"] = _dir_identity(m.pid, name)
+        m.records = [process_state, thread_state, None]
+
+    def _final_copy(self, m, early):
+        """The final scan and copy of one member's private memory (shared memory is copied
+        once for the whole tree: tree.SharedMemory)."""
+        maps = m.maps
+        m.records[2] = maps
+        cov = m.coverage()
+        tracked = [v for v in self._trackable(maps) if cov.covers(v)]
+        full = [v for v in maps if v.kind in TRACKABLE and not cov.covers(v)]
+        untracked, runs = m.tracker.final(tracked)
+        # what could not be protected cleanly in the last round is copied whole too
+        untracked += [v for v in tracked if any(s.start < v.end and s.end > v.start for s in m.suspect)]
+        whole = copymod.content_runs(m.pm(), full + untracked, pid=m.pid)
+        # absent pages of what is copied whole, where the image holds pages of an earlier
+        # mapping (see Copier.stale): zero pages, or the file's content copied again
+        stale_zero, reread = m.copier.stale(full + untracked, whole)
+        runs = runs + whole + reread
+        if self.mode == "sync":
+            # sync mode sees write faults only: a page dropped meanwhile (MADV_DONTNEED) reads
+            # as zero (or as its file) now and never faulted. The pages the image holds that
+            # are absent now: zero pages, or the file's content copied again
+            present = copymod.content_runs(m.pm(), tracked)
+            dropped_zero, dropped_file = m.copier.stale(tracked, present + runs)
+            stale_zero += dropped_zero
+            runs += dropped_file
+        # zero records first: the final copy supersedes them where they meet
+        m.copier.zero(stale_zero)
+        # the final copy is kept in memory (as far as the buffers prepared for it go) only when
+        # the target resumes before the image is written; else it streams straight into the image
+        sink = m.final if (early and self.mode != "stop-the-world") else None
+        return m.copier.copy(runs, sink=sink, scatter=True)
 
     def _release(self):
-        """End the freeze: resume the target (protection lifted, uffd closed) or kill it."""
+        """End the freeze: resume every process (protection lifted, uffd closed) or kill them."""
         if self.opts.leave_running:
-            self.fdctx.resuming()
-            self.freezer.thaw()
+            for m in self.members.values():
+                m.fdctx.resuming()
+            for m in self.members.values():
+                m.freezer.thaw()
         else:
-            self.freezer.kill()
-        self.fdctx.close()
-        tr, self.tracker = self.tracker, None
-        if tr is not None:
-            tr.disarm()
-        if hasattr(self, "_pm"):
-            self._pm.close()
+            # children first: a parent killed first would leave them to be reaped elsewhere
+            for m in reversed(list(self.members.values())):
+                m.freezer.kill()
+        self.t_release = time.perf_counter()
+        for m in self.members.values():
+            m.fdctx.close()
+            tr, m.tracker = m.tracker, None
+            if tr is not None:
+                tr.disarm()
+            m.close()
 
     def _abandon(self):
-        """Failure or interruption: the target goes on exactly as before, no image is left."""
-        try:
+        """Failure or interruption: every process goes on exactly as before, no image is left."""
+        errors = []
+        for m in list(self.members.values()):
+            for step in (m.fdctx.failed, m.freezer.thaw):
+                try:
+                    step()
+                except Exception as e:
+                    errors.append(e)
+        for m in list(self.members.values()):
             try:
-                self.fdctx.failed()
-            finally:
-                self.freezer.thaw()
-        finally:
-            try:
-                if self.tracker is not None:
-                    self.tracker.disarm()
-                    self.tracker = None
-            finally:
-                if self.writer is not None:
-                    self.writer.abort()
-                if hasattr(self, "_pm"):
-                    self._pm.close()
+                if m.tracker is not None:
+                    m.tracker.disarm()
+                    m.tracker = None
+            except Exception as e:
+                errors.append(e)
+            m.close()
+        if self.writer is not None:
+            self.writer.abort()
+        if errors:
+            raise errors[0]
+
+
+def _exited(pid):
+    try:
+        return procfs.proc_state(pid) in ("Z", "X")
+    except CkptError:
+        return True
 
 
 def _dir_identity(pid, name):

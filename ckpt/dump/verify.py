@@ -19,10 +19,11 @@ CHUNK = 8 << 20
 class _Expected:
     """What restore would put at an address: image pages, else the mapping's source."""
 
-    def __init__(self, pid, reader):
+    def __init__(self, pid, reader, space=None):
         self.pid = pid
         self.reader = reader
-        self.extents = reader.extents()
+        self.extents = reader.extents(pid if space is None else space)
+        self.shift = 0
         self.starts = [x[0] for x in self.extents]
 
     def image_runs(self, start, end):
@@ -45,10 +46,11 @@ class _Expected:
             out[len(data):n] = bytes(n - len(data))
         else:
             out[:n] = bytes(n)
-        # then the image over it
-        for s, e in self.image_runs(start, end):
+        # then the image over it (shared memory: its object's pages, by offset)
+        d = self.shift
+        for s, e in self.image_runs(start + d, end + d):
             for a, chunk in self._image_bytes(s, e):
-                out[a - start:a - start + len(chunk)] = chunk
+                out[a - d - start:a - d - start + len(chunk)] = chunk
 
     def _image_bytes(self, start, end):
         i = max(0, bisect.bisect_right(self.starts, start) - 1)
@@ -61,9 +63,12 @@ class _Expected:
             i += 1
 
 
-def verify_frozen(pid, maps, reader):
-    """Compare every page of the frozen process with the image. Returns pages compared."""
-    exp = _Expected(pid, reader)
+def verify_frozen(pid, maps, reader, shm=None):
+    """Compare every page of the frozen process with the image. Returns pages compared.
+    shm: {(dev, inode): space} of the shared memory objects the image holds apart (a tree's
+    image: tree.SharedMemory)."""
+    own = _Expected(pid, reader)
+    shared = {}
     pm = pagemap.Pagemap(pid)
     mem = MemIO(pid)
     actual = bytearray(CHUNK)
@@ -73,6 +78,13 @@ def verify_frozen(pid, maps, reader):
         for vma in maps:
             if vma.kind in ("special", "file-shared"):
                 continue
+            exp = own
+            if vma.kind == "shmem" and shm and (vma.dev, vma.inode) in shm:
+                space = shm[(vma.dev, vma.inode)]
+                if space not in shared:
+                    shared[space] = _Expected(pid, reader, space)
+                exp = shared[space]
+                exp.shift = vma.offset - vma.start
             if vma.kind in ("anon", "file-private") and not vma.deleted:
                 present = [(s, e) for s, e, _ in pm.scan([(vma.start, vma.end)],
                                                          anyof=pagemap.PRESENT | pagemap.SWAPPED,
@@ -85,7 +97,9 @@ def verify_frozen(pid, maps, reader):
                 if data is None:
                     runs = [[vma.start, vma.end]]
                 else:
-                    runs = merge_ranges([(a, a + n) for a, n in data] + exp.image_runs(vma.start, vma.end))
+                    d = exp.shift
+                    held = [(s - d, e - d) for s, e in exp.image_runs(vma.start + d, vma.end + d)]
+                    runs = merge_ranges([(a, a + n) for a, n in data] + held)
             file_fd = None
             if vma.kind == "file-private" and not vma.deleted:
                 try:

@@ -61,40 +61,44 @@ SYS_kcmp, KCMP_FILE = 312, 0
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _file_order(pid, fd1, fd2):
-    """kcmp(KCMP_FILE) of two fds of pid: 0 when they are one open file description (dup, fork,
-    SCM_RIGHTS), else -1 or 1 by a fixed order of the kernel's files. None when the kernel
-    cannot tell (no kcmp)."""
-    r = _libc.syscall(SYS_kcmp, pid, pid, KCMP_FILE, fd1, fd2)
+def _file_order(a, b):
+    """kcmp(KCMP_FILE) of two fds, each (pid, fd): 0 when they are one open file description
+    (dup, fork, SCM_RIGHTS), else -1 or 1 by a fixed order of the kernel's files. None when
+    the kernel cannot tell (no kcmp)."""
+    r = _libc.syscall(SYS_kcmp, a[0], b[0], KCMP_FILE, a[1], b[1])
     return None if r < 0 else (0, -1, 1)[r]
 
 
-def _mark_shared(pid, table, keys):
-    """entry["shares"] = the lowest fd whose open file description the entry's fd is too.
-    Restore then makes it a duplicate of that fd instead of making the object again, so that
-    they keep sharing offset and status flags (e.g. stdout and stderr of `cmd >log 2>&1`).
-    Fds of one inode (all anonymous-inode fds share one) are sorted by kcmp's order, so that
-    one open file's fds end up side by side: n log n kcmp calls, not n squared."""
-    groups = {}
-    for e in table:
-        key = keys.get(e["fd"])
-        if key is not None and not e.get("inherit"):
-            groups.setdefault(key, []).append(e)
+def _mark_shared(groups, rank):
+    """Fds that are one open file description (of one process, or inherited across fork by
+    several processes of a tree) are restored as one object, so that they keep sharing offset
+    and status flags (stdout and stderr of `cmd >log 2>&1`; a listening socket a server's
+    workers inherited). The first of them in restore order (rank: pid -> position; then the
+    lowest fd) is made; the others get entry["shares"] = its fd (same process) or
+    entry["shares_with"] = {"pid", "fd"} (another process, restored before). groups: inode ->
+    [(pid, entry)]. Each group is sorted by kcmp's order, so that one open file's fds end up
+    side by side: n log n kcmp calls, not n squared."""
     for group in groups.values():
-        if len(group) < 2 or _file_order(pid, group[0]["fd"], group[1]["fd"]) is None:
+        if len(group) < 2:
             continue
-        group.sort(key=functools.cmp_to_key(lambda a, b: _file_order(pid, a["fd"], b["fd"]) or 0))
-        # the lowest fd of each run of one open file is the one the others share
+        ident = [(pid, e["fd"]) for pid, e in group]
+        if _file_order(ident[0], ident[1]) is None:
+            continue
+        group.sort(key=functools.cmp_to_key(lambda a, b: _file_order((a[0], a[1]["fd"]), (b[0], b[1]["fd"])) or 0))
         run = [group[0]]
-        for e in group[1:] + [None]:
-            if e is not None and _file_order(pid, run[-1]["fd"], e["fd"]) == 0:
-                run.append(e)
+        for item in group[1:] + [None]:
+            if item is not None and _file_order((run[-1][0], run[-1][1]["fd"]), (item[0], item[1]["fd"])) == 0:
+                run.append(item)
                 continue
-            low = min(x["fd"] for x in run)
-            for x in run:
-                if x["fd"] != low:
-                    x["shares"] = low
-            run = [e]
+            owner_pid, owner = min(run, key=lambda x: (rank[x[0]], x[1]["fd"]))
+            for pid, e in run:
+                if e is owner:
+                    continue
+                if pid == owner_pid:
+                    e["shares"] = owner["fd"]
+                else:
+                    e["shares_with"] = {"pid": owner_pid, "fd": owner["fd"]}
+            run = [item]
 
 
 def _open_fds(pid, ctx):
@@ -158,18 +162,28 @@ def check(pid):
 
 def capture(pid, ctx, described=None):
     """In the frozen phase: the fd table, with what changes by itself read now."""
-    table, keys, opened = [], {}, []
-    for f in _open_fds(pid, ctx):
-        kind, entry = _entry(f, described)
-        if f.st is not None:
-            keys[f.fd] = (f.st.st_dev, f.st.st_ino)
-        table.append(entry)
-        opened.append((kind, f, entry))
-    _mark_shared(pid, table, keys)
+    return capture_tree([(pid, ctx, described)])[pid]
+
+
+def capture_tree(procs):
+    """capture for every process of a frozen tree at once, procs: [(pid, ctx, described)] in
+    restore order (parents first): fds shared across processes are found too. Returns
+    {pid: fd table}."""
+    tables, groups, opened = {}, {}, []
+    rank = {pid: i for i, (pid, _, _) in enumerate(procs)}
+    for pid, ctx, described in procs:
+        table = tables[pid] = []
+        for f in _open_fds(pid, ctx):
+            kind, entry = _entry(f, described)
+            if f.st is not None and not entry["inherit"]:
+                groups.setdefault((f.st.st_dev, f.st.st_ino), []).append((pid, entry))
+            table.append(entry)
+            opened.append((kind, f, entry))
+    _mark_shared(groups, rank)
     for kind, f, entry in opened:
-        if not entry["inherit"] and "shares" not in entry:
-            kind.capture(f, entry, ctx)
-    return table
+        if not entry["inherit"] and "shares" not in entry and "shares_with" not in entry:
+            kind.capture(f, entry, f.ctx)
+    return tables
 
 
 # what a kind's restore step raises on an image entry with a missing or mistyped field
@@ -186,9 +200,11 @@ def _kind_call(e, fn, *args):
                            % (e.get("fd"), e.get("kind"), type(x).__name__, str(x)[:200])) from None
 
 
-def restore_fds(remote, table_entries, options=None, paths=None):
+def restore_fds(remote, table_entries, options=None, paths=None, tree=None):
     """Rebuild the fd table of the restored process (a copy of ckpt: it holds ckpt's fds).
-    paths: the plan's PathOpener, holding every file the entries name, opened and checked."""
+    paths: the plan's PathOpener, holding every file the entries name, opened and checked.
+    tree: the TreeObjects shared with the other processes of a restored tree (None: one
+    process)."""
     remote.call(sysno.close_range, 3, 0xFFFFFFFF, 0, what="close_range")
     remote.forget_fds()
     shell_job = bool(options and options.shell_job)
@@ -197,7 +213,7 @@ def restore_fds(remote, table_entries, options=None, paths=None):
         if std not in keep:
             remote.call(sysno.close, std, ok_errors=(9,))
     base = max([e["fd"] for e in table_entries] + [2]) + 1
-    table = Table(remote, base, options)
+    table = Table(remote, base, options, tree)
     table.entries = table_entries
     table.paths = paths
     placed = []
@@ -207,7 +223,12 @@ def restore_fds(remote, table_entries, options=None, paths=None):
         if e.get("shares") in table.placed:
             placed.append((e, table.placed[e["shares"]]))    # one open file: dup2 of the same object
             continue
-        if e.get("inherit"):
+        if e.get("shares_with"):
+            # one open file with an fd of a process restored before (inherited across fork)
+            owner = e["shares_with"]
+            fd = table.adopt(table.tree.take_from(owner["pid"], owner["fd"]),
+                             "fd %d of process %d" % (owner["fd"], owner["pid"]))
+        elif e.get("inherit"):
             fd = table.take_path(e)     # a standard stream leading out: see _prepare_outside
         else:
             fd = _kind_call(e, BY_NAME.get(e["kind"], FdKind).create, remote, e, table)
@@ -226,7 +247,7 @@ def restore_fds(remote, table_entries, options=None, paths=None):
         remote.call(sysno.close, fd, ok_errors=(9,))
     remote.forget_fds()
     finishing = sorted((BY_NAME.get(e["kind"], FdKind).finish_order, i, e) for i, (e, _) in enumerate(placed)
-                       if "shares" not in e and not e.get("inherit"))
+                       if "shares" not in e and "shares_with" not in e and not e.get("inherit"))
     for _, _, e in finishing:
         _kind_call(e, BY_NAME[e["kind"]].finish, remote, e, table)
 
@@ -260,7 +281,7 @@ def precheck(table_entries, paths=None, options=None):
     """At restore, before anything is created: each kind checks that its objects can be made,
     and opens (as the process) and checks the paths they name."""
     for e in table_entries:
-        if "shares" in e:
+        if "shares" in e or "shares_with" in e:
             continue
         if e.get("inherit"):
             if paths is not None:

@@ -225,11 +225,44 @@ def _run_all(fns):
         raise errors[0]
 
 
+class TreeObjects:
+    """What the fd tables of a restored tree share: objects several of its processes hold (the
+    two ends of a pipe between a parent and its child, a socket pair), made in the first
+    process that needs them; ckpt keeps its own duplicate of each fd so that the processes
+    restored later take the very same object. Also how ckpt reaches the fds of processes
+    already restored (their pidfds). One per restore; closed at its end."""
+
+    def __init__(self):
+        self.objects = {}       # key -> tuple of ckpt-local fds
+        self.pidfds = {}
+
+    def take_from(self, pid, fd):
+        """A ckpt-local duplicate of fd `fd` of restored process pid (the caller closes it)."""
+        if pid not in self.pidfds:
+            r = lib.ck_pidfd_open(pid)
+            if r < 0:
+                raise RestoreError("process %d: pidfd_open: %s" % (pid, os.strerror(-r)))
+            self.pidfds[pid] = r
+        r = lib.ck_pidfd_getfd(self.pidfds[pid], fd)
+        if r < 0:
+            raise RestoreError("process %d: its fd %d cannot be taken (pidfd_getfd): %s" % (pid, fd, os.strerror(-r)))
+        return r
+
+    def close(self):
+        for fds in self.objects.values():
+            for fd in fds:
+                os.close(fd)
+        for fd in self.pidfds.values():
+            os.close(fd)
+        self.objects, self.pidfds = {}, {}
+
+
 class Table:
     """Objects created so far in the restored process, parked above every target number."""
 
-    def __init__(self, remote, base, options=None):
+    def __init__(self, remote, base, options=None, tree=None):
         self.remote = remote
+        self.tree = tree if tree is not None else TreeObjects()   # shared with the tree's other processes
         self.options = options      # the RestoreOptions (e.g. tcp_close)
         self.base = base
         self.objects = {}       # kinds' shared objects (a pipe's two ends, a socket pair ...)
@@ -260,3 +293,18 @@ class Table:
         """The file, directory or device the plan opened and checked for this entry (see
         ckpt/restore/paths.py), handed to the restored process."""
         return self.adopt(self.paths.take(("fd", entry["fd"])), what or "fd %d (%s)" % (entry["fd"], entry.get("path")))
+
+    def shared(self, key):
+        """The object another process of the tree made under `key` (see share), taken by this
+        one: a tuple of its (parked) fds here; None when none was made yet."""
+        local = self.tree.objects.get(key)
+        if local is None:
+            return None
+        return tuple(self.adopt(os.dup(fd), "%s from another process of the tree" % (key,)) for fd in local)
+
+    def share(self, key, fds):
+        """Offer the object just made in this process (its fds here) to the processes of the
+        tree restored after it (see shared)."""
+        if key not in self.tree.objects:
+            self.tree.objects[key] = tuple(self.tree.take_from(self.remote.pid, fd) for fd in fds)
+        return fds

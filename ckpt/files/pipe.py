@@ -70,6 +70,9 @@ class Pipe(FdKind):
     def create(cls, remote, entry, table):
         key = ("pipe", entry["inode"])
         if key not in table.objects:
+            # made once per tree: the other end may be in another process (parent and child)
+            table.objects[key] = table.shared(key)
+        if table.objects[key] is None:
             remote.reset()
             fds_addr = remote.alloc(8)
             # non-blocking while it is refilled, so that a refill that does not fit fails
@@ -92,6 +95,6 @@ class Pipe(FdKind):
                         raise RestoreError("pipe %s: only %d of %d buffered bytes could be put back"
                                            % (entry["path"], done, len(data)))
                     done += n
-            table.objects[key] = (table.park(r), table.park(w))
+            table.objects[key] = table.share(key, (table.park(r), table.park(w)))
         r, w = table.objects[key]
         return w if entry["flags"] & O_ACCMODE == O_WRONLY else r

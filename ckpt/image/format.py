@@ -14,7 +14,9 @@ One file, written front to back (so it can stream), little-endian:
 Page records (PAGES, ZERO) hold runs of pages at an address; SCATTER records hold many
 scattered runs at once (the written pages of a round), their run table first and uncompressed,
 then the pages. A later record for a page supersedes an earlier one, which is exactly what the
-dump's rounds produce. With comp NONE,
+dump's rounds produce. A process tree's image holds one address space per process: a SPACE
+record (addr = the process's PID, no payload) says whose pages the page records after it hold,
+until the next one; an image without SPACE records holds its one process's pages. With comp NONE,
 payloads are page-aligned in the file so that they can be mapped.
 
 The chain checksum covers the whole file: it is the crc32 over the header bytes followed
@@ -39,9 +41,11 @@ PAGES = 2     # page contents for [addr, addr + npages * page_size)
 ZERO = 3      # pages known to be all zero, no payload
 ROUND = 4     # JSON marker at the end of a round of the dump
 SCATTER = 5   # scattered page runs in one record: run table (never compressed), then their pages
+SPACE = 6     # the page records after it are the address space of process `addr` (a tree's image)
 TRAILER = 0xFF
 
-TYPE_NAMES = {META: "meta", PAGES: "pages", ZERO: "zero", ROUND: "round", SCATTER: "scatter", TRAILER: "trailer"}
+TYPE_NAMES = {META: "meta", PAGES: "pages", ZERO: "zero", ROUND: "round", SCATTER: "scatter", SPACE: "space",
+              TRAILER: "trailer"}
 PAGE_TYPES = (PAGES, ZERO, SCATTER)
 
 # SCATTER payload: count u32 | reserved u32 | count x (addr u64, length u64) | page data

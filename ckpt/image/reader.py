@@ -306,14 +306,31 @@ class ImageReader:
                 out.append(self._json(self.payload(self._record_at(off)), "round record at offset %d" % off))
         return out
 
-    def extents(self):
+    def spaces(self):
+        """The PIDs whose address spaces the image holds (SPACE records, a tree's image), in
+        order; [] for an image of one process."""
+        return list(dict.fromkeys(addr for _, addr, _, rtype, _ in self.records if rtype == fmt.SPACE))
+
+    def extents(self, space=None):
         """Sorted, disjoint (start, end, record seq, data offset of start) with the latest record
-        winning per page; the content of an extent is payload_of(seq)[offset:offset + end - start]."""
-        if self._extents is not None:
-            return self._extents
+        winning per page; the content of an extent is payload_of(seq)[offset:offset + end - start].
+        space: whose address space, by PID (a tree's image); in an image of one process every
+        page record is its process's, whatever is asked."""
+        if self._extents is None:
+            self._extents = {}
+        if not any(r[3] == fmt.SPACE for r in self.records):
+            space = None
+        if space in self._extents:
+            return self._extents[space]
         ps = self.page_size
         intervals = []
+        current = None
         for seq, (off, addr, npages, rtype, _) in enumerate(self.records):
+            if rtype == fmt.SPACE:
+                current = addr
+                continue
+            if current != space:
+                continue
             if rtype in (fmt.PAGES, fmt.ZERO) and npages:
                 intervals.append((addr, addr + npages * ps, seq, 0))
             elif rtype == fmt.SCATTER:
@@ -340,7 +357,7 @@ class ImageReader:
                 out[-1] = (last[0], b, seq, last[3])
             else:
                 out.append((a, b, seq, off))
-        self._extents = out
+        self._extents[space] = out
         return out
 
     def record(self, seq):
@@ -360,10 +377,10 @@ class ImageReader:
             raise ImageError("%s: record %d holds %d bytes, less than its runs say" % (self.path, seq, len(data)))
         return memoryview(data)[start:start + (hi - lo)]
 
-    def page_bytes(self):
+    def page_bytes(self, space=None):
         """Pages the image holds (after superseding) and how many of them are zero records."""
         total = zero = 0
-        for s, e, seq, _ in self.extents():
+        for s, e, seq, _ in self.extents(space):
             n = (e - s) // self.page_size
             total += n
             if self.is_zero(seq):
@@ -420,8 +437,8 @@ class ImageReader:
         if rec.rtype not in fmt.TYPE_NAMES:
             raise ImageError("%s (unknown record type)" % where)
         self._check_size(rec)
-        if rec.rtype == fmt.ZERO and rec.length:
-            raise ImageError("%s (a zero record with a payload)" % where)
+        if rec.rtype in (fmt.ZERO, fmt.SPACE) and rec.length:
+            raise ImageError("%s (a %s record with a payload)" % (where, rec.type_name))
         if rec.rtype == fmt.SCATTER:
             total = sum(n for _, n in self.scatter_runs(rec.seq, rec))
             if total != rec.npages * self.page_size:

@@ -190,6 +190,9 @@ PROCESS = Dict({
     "threads_count": Int(0, PID[1]),
     "dumpable": Opt(Int(0, 2)),
     "cgroups": List(Dict({"id": Int(*U32), "controllers": Str(), "path": Str(maxlen=PATH_MAX)})),
+    "pdeathsig": Int(0, 64, "a signal number (0..64)"),
+    "exit_signal": Int(0, 64, "a signal number (0..64)"),
+    "subreaper": Bool,
 })
 
 THREAD = Dict({
@@ -227,12 +230,13 @@ FD_ENTRY = Dict({
     "pos": Int(-(1 << 63), (1 << 63) - 1),
     "inherit": Bool,
     "shares": Int(*FD, what="an fd number (0..2^31-1)"),
+    "shares_with": Dict({"pid": Int(*PID, what="a PID (1..2^22)"), "fd": Int(*FD, what="an fd number (0..2^31-1)")}),
     "path": Str(maxlen=PATH_MAX),
     "tty": Bool,
 })
 
 DUMP = Dict(optional={"mode": Str(maxlen=64), "rounds": List(Dict({"pages": Int(0, 1 << 52)})),
-                      "pid": Int(*PID)})
+                      "pid": Int(*PID), "processes": List(Int(*PID))})
 NETLOCK = Opt(Dict(optional={"table": Str(maxlen=256)}))
 
 
@@ -247,11 +251,26 @@ def _regs():
     return _REGS[0]
 
 
+THREADS = List(THREAD, 1, PID[1])
+MAPPINGS = List(MAPPING)
+FDS = List(FD_ENTRY, 0, 1 << 20)
+A_PID = Int(*PID, what="a PID (1..2^22)")
+TREE = Dict({
+    "root": A_PID,
+    "processes": List(Dict({"pid": A_PID, "process": PROCESS, "threads": THREADS, "mappings": MAPPINGS,
+                            "fds": FDS})),
+    "zombies": List(Dict({"pid": A_PID, "ppid": A_PID, "pgid": Int(0, PID[1]), "sid": Int(0, PID[1]),
+                          "exit_code": Int(0, 0xFFFF, "a wait status (0..0xffff)")}, {"comm": Str(maxlen=256)})),
+    "shm": List(Dict({"space": Int(*U64), "dev": Str(maxlen=32), "inode": Int(*U64), "size": Int(0, 1 << 47)},
+                     {"path": Str(maxlen=PATH_MAX), "pids": List(A_PID)})),
+})
+
 RECORDS = {
     "process": PROCESS,
-    "threads": List(THREAD, 1, PID[1]),
-    "mappings": List(MAPPING),
-    "fds": List(FD_ENTRY, 0, 1 << 20),
+    "threads": THREADS,
+    "mappings": MAPPINGS,
+    "fds": FDS,
+    "tree": TREE,
     "dump": DUMP,
     "netlock": NETLOCK,
 }
@@ -259,7 +278,25 @@ RECORDS = {
 
 def _semantics(name, data):
     """What the types alone do not say."""
-    if name == "mappings":
+    if name == "tree":
+        seen = {data["root"]}
+        for i, p in enumerate(data["processes"]):
+            if p["pid"] in seen or p["process"]["pid"] != p["pid"]:
+                raise Malformed("processes[%d].pid" % i, "process %d appears twice or disagrees with its "
+                                "process record" % p["pid"])
+            seen.add(p["pid"])
+            for part in ("threads", "mappings", "fds"):
+                try:
+                    _semantics(part, p[part])
+                except Malformed as e:
+                    raise Malformed("processes[%d].%s%s" % (i, part, e.where), e.what) from None
+            if p["pid"] not in {t["tid"] for t in p["threads"]}:
+                raise Malformed("processes[%d].threads" % i, "no thread %d, the process's main thread" % p["pid"])
+        for i, z in enumerate(data["zombies"]):
+            if z["pid"] in seen:
+                raise Malformed("zombies[%d].pid" % i, "process %d appears twice" % z["pid"])
+            seen.add(z["pid"])
+    elif name == "mappings":
         prev = None
         for i in sorted(range(len(data)), key=lambda i: data[i]["start"]):
             m = data[i]

@@ -28,7 +28,9 @@ class ImageWriter:
         self.offset = 0
         self.chain = 0
         self.index = []
-        self.page_ranges = []    # (start, end) of every page the PAGES, ZERO and SCATTER records hold
+        self.spaces = {}         # pid -> (start, end) of every page its PAGES, ZERO and SCATTER records hold
+        self.space = None        # whose address space the page records written now belong to
+        self.page_ranges = self.spaces.setdefault(None, [])
         self.bytes_raw = 0       # page bytes handed in
         self.bytes_payload = 0   # page bytes written after compression
         self.closed = False
@@ -62,6 +64,15 @@ class ImageWriter:
         self.chain = zlib.crc32(rec, self.chain)
         self.index.append((start, addr, npages, rtype, comp))
         return start
+
+    def set_space(self, pid):
+        """The page records written from now on hold process pid's pages (one image, a tree of
+        processes): a SPACE record when it changes. A single process's image needs none."""
+        if pid == self.space:
+            return
+        self._record(fmt.SPACE, b"", pid, 0)
+        self.space = pid
+        self.page_ranges = self.spaces.setdefault(pid, [])
 
     def add_meta(self, name, data):
         payload = json.dumps({"name": name, "data": data}, separators=(",", ":")).encode()

@@ -385,3 +385,36 @@ def fds(pid):
 
 def exists(pid):
     return os.path.exists(proc(pid, "stat"))
+
+
+def links(pid):
+    """A process's place in the tree: {pid, ppid, pgid, sid, state, exit_code} from its stat
+    (exit_code: the wait status a zombie leaves to its parent); None when it is gone."""
+    try:
+        f = stat_fields(pid)
+        return {"pid": pid, "ppid": int(f[4]), "pgid": int(f[5]), "sid": int(f[6]), "state": f[3],
+                "exit_code": int(f[52]) if len(f) > 52 else 0, "comm": f[2]}
+    except (TargetGone, ValueError, IndexError, OSError):
+        return None
+
+
+def descendants(pid):
+    """Every descendant of pid (zombies too), parents before their children, each process's
+    children by PID: [links(...)] (see links). Read from every process's stat: the
+    children lists of /proc/PID/task/TID/children are not guaranteed (CONFIG_PROC_CHILDREN)."""
+    kids = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        info = links(int(name))
+        if info is not None:
+            kids.setdefault(info["ppid"], []).append(info)
+    out, queue = [], [pid]
+    while queue:
+        nxt = []
+        for p in queue:
+            for info in sorted(kids.get(p, ()), key=lambda i: i["pid"]):
+                out.append(info)
+                nxt.append(info["pid"])
+        queue = nxt
+    return out

@@ -13,7 +13,6 @@
 import base64
 import errno
 import os
-import signal
 import struct
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from ckpt.kernel.ptrace import _call
 from ckpt.kernel.ptrace import find_syscall_insn
 from ckpt.restore.creds import acting_as, cap_bits, CAP_NET_ADMIN
 from ckpt.restore.paths import O_PATH, PathOpener
-from ckpt.restore.remote import SCRATCH_SIZE, Remote
+from ckpt.restore.remote import SCRATCH_SIZE
 from ckpt import files
 from ckpt.state import process, threads
 
@@ -58,13 +57,24 @@ def _prot(perms):
     return sum(PROT[c] for c in perms[:3] if c in PROT)
 
 
+class ProcPlan:
+    """One process of the image (the target, or a descendant in a tree's image): its records
+    and the paths it is rebuilt from, opened as it."""
+
+    def __init__(self, proc, threads, maps, fds):
+        self.proc, self.threads, self.maps, self.fds = proc, threads, maps, fds
+        self.pid = proc["pid"]
+        self.paths = None
+
+
 class Plan:
     """Everything restore needs, read and checked before anything is created."""
 
     def __init__(self, path, opts=None):
         self.opts = opts if opts is not None else RestoreOptions()
         self.reader = ImageReader(path)
-        self.paths = None
+        self.members = []
+        self.shm = {}           # (dev, inode) -> ckpt-local memfd holding a shared memory object
         try:
             self.reader.check_compatible()
             self.reader.verify(decompress=False)
@@ -72,17 +82,26 @@ class Plan:
             missing = [k for k in ("process", "threads", "mappings", "fds") if k not in m]
             if missing:
                 raise ImageError("%s: incomplete image: no %s record" % (path, ", ".join(missing)))
-            self.proc = m["process"]
-            self.threads = m["threads"]
-            self.maps = m["mappings"]
-            self.fds = m["fds"]
             self.metas = m
-            self.pid = self.proc["pid"]
-            self.trusted = image_trust(path, self.reader.f.fileno(), self.proc, self.fds, self.opts)
-            process.check_cgroups(self.proc, self.trusted)
-            self.paths = PathOpener(self.proc["creds"], check_content=not self.opts.allow_file_change)
-            self._open_files()
-            files.precheck(self.fds, self.paths, self.opts)
+            tree = m.get("tree") or {}
+            self.members = [ProcPlan(m["process"], m["threads"], m["mappings"], m["fds"])]
+            self.members += [ProcPlan(p["process"], p["threads"], p["mappings"], p["fds"])
+                             for p in tree.get("processes", [])]
+            self.zombies = tree.get("zombies", [])
+            self.shm_records = tree.get("shm")
+            root = self.members[0]
+            self.proc, self.threads, self.maps, self.fds = root.proc, root.threads, root.maps, root.fds
+            self.pid = root.pid
+            self._check_links()
+            for pp in self.members:
+                trusted = image_trust(path, self.reader.f.fileno(), pp.proc, pp.fds, self.opts)
+                if pp is root:
+                    self.trusted = trusted
+                process.check_cgroups(pp.proc, self.trusted)
+                pp.paths = PathOpener(pp.proc["creds"], check_content=not self.opts.allow_file_change)
+                self._open_files(pp)
+                files.precheck(pp.fds, pp.paths, self.opts)
+            self.paths = root.paths
             self._check_pids()
         except BaseException:
             self.close()
@@ -93,35 +112,70 @@ class Plan:
                     pass
             raise
 
-    def _open_files(self):
+    def _check_links(self):
+        """Every process of a tree is created by its parent, which must come before it."""
+        seen = {self.pid}
+        for pp in self.members[1:]:
+            if pp.proc["ppid"] not in seen:
+                raise ImageError("%s: malformed image: process %d comes before its parent %d"
+                                 % (self.reader.path, pp.pid, pp.proc["ppid"]))
+            seen.add(pp.pid)
+        for z in self.zombies:
+            if z["ppid"] not in seen:
+                raise ImageError("%s: malformed image: zombie %d has no parent in the image" % (self.reader.path, z["pid"]))
+
+    def _open_files(self, pp):
         """Every path the process is rebuilt from, opened now (as the process, no symbolic link
         followed) and checked to be the file that was there at the dump: mapped files once per
         access mode, the executable, the working and root directories. The fd table's files
         are opened by their kinds (prepare)."""
-        p = self.proc
-        for m in self.maps:
+        p = pp.proc
+        for m in pp.maps:
             if m["kind"] not in ("file-private", "file-shared") or _deleted(m):
                 continue
             fid = m.get("file") or {}
             mode = _map_mode(m)
-            self.paths.open(("map", m["path"], mode), m["path"], mode, fid, "mapped file", content=True)
+            pp.paths.open(("map", m["path"], mode), m["path"], mode, fid, "mapped file", content=True)
         if p.get("exe_file"):
-            self.paths.open("exe", p["exe"], O_RDONLY, p["exe_file"], "executable", content=True)
-        self.paths.open("cwd", p["cwd"], O_PATH, p.get("cwd_file") or {}, "working directory", kind="dir")
+            pp.paths.open("exe", p["exe"], O_RDONLY, p["exe_file"], "executable", content=True)
+        pp.paths.open("cwd", p["cwd"], O_PATH, p.get("cwd_file") or {}, "working directory", kind="dir")
         if p.get("root", "/") != "/":
-            self.paths.open("root", p["root"], O_PATH, p.get("root_file") or {}, "root directory", kind="dir")
+            pp.paths.open("root", p["root"], O_PATH, p.get("root_file") or {}, "root directory", kind="dir")
 
     def _check_pids(self):
-        for t in self.threads:
-            _wait_reaped(t["tid"])
-            if os.path.exists("/proc/%d" % t["tid"]):
-                owner = "%s, PID %d" % (procfs.comm(t["tid"]) or "?", t["tid"])
+        ids = [(pp.pid, t["tid"]) for pp in self.members for t in pp.threads] + [(z["pid"], z["pid"]) for z in self.zombies]
+        for pid, tid in ids:
+            _wait_reaped(tid)
+            if os.path.exists("/proc/%d" % tid):
+                owner = "%s, PID %d" % (procfs.comm(tid) or "?", tid)
                 raise RestoreError("PID %d is in use (by %s); the process must get its original PID%s back"
-                                   % (t["tid"], owner, "" if t["tid"] == self.pid else " and thread IDs"))
+                                   % (tid, owner, "" if tid == pid else " and thread IDs"))
+
+    def shared_memory(self):
+        """The tree's shared memory objects made now, in ckpt, with their pages (memfds the
+        processes take when they map them); none in an image that keeps them per process."""
+        if self.shm_records is None:
+            return
+        for rec in self.shm_records:
+            fd = os.memfd_create("ckpt-shmem", os.MFD_CLOEXEC)
+            self.shm[(rec["dev"], rec["inode"])] = fd
+            os.ftruncate(fd, rec["size"])
+            for x in self.reader.extents(rec["space"]):
+                if x[1] > rec["size"]:
+                    raise ImageError("%s: shared memory %s: pages past its size" % (self.reader.path, rec["path"]))
+                data = self.reader.extent_bytes(x, x[0], x[1], check=False)
+                if data is not None:
+                    off = 0
+                    while off < len(data):
+                        off += os.pwrite(fd, data[off:], x[0] + off)
 
     def close(self):
-        if self.paths is not None:
-            self.paths.close()
+        for pp in self.members:
+            if pp.paths is not None:
+                pp.paths.close()
+        for fd in self.shm.values():
+            os.close(fd)
+        self.shm = {}
         self.reader.close()
 
 
@@ -219,61 +273,38 @@ def _spawn(pid):
 
 
 class Builder:
-    def __init__(self, plan, opts):
+    """Rebuilds one process of the image in a fresh process (`remote`: made by _spawn, or forked
+    by its parent in a tree) that is a stopped copy of ckpt."""
+
+    def __init__(self, plan, pp, opts, remote, tree):
         self.plan = plan
+        self.pp = pp
         self.opts = opts
-        self.pid = plan.pid
-        self.remote = None
+        self.pid = pp.pid
+        self.remote = remote
+        self.tree = tree        # files.TreeObjects shared by the tree's processes
         self.timings = {}
         self.pages_written = 0
         self.bytes_written = 0
 
     def _lap(self, name, t):
         now = time.perf_counter()
-        self.timings[name] = round((now - t) * 1000, 3)
+        self.timings[name] = self.timings.get(name, 0) + round((now - t) * 1000, 3)
         return now
 
-    def run(self):
-        t0 = t = time.perf_counter()
-        child = _spawn(self.pid)
-        self.remote = r = Remote(child)
-        try:
-            t = self._lap("spawn", t)
-            self._clear_address_space()
-            t = self._lap("unmap", t)
-            self._map_layout()
-            t = self._lap("map", t)
-            self._patch_pages()
-            t = self._lap("write_pages", t)
-            self._process_state()
-            t = self._lap("process_state", t)
-            self._threads()
-            t = self._lap("threads", t)
-            self._release()
-            self._lap("release", t)
-        except BaseException:
-            self._kill()
-            raise
-        finally:
-            r.close()
-        self.timings["total"] = round((time.perf_counter() - t0) * 1000, 3)
-        return {"pid": self.pid, "threads": [th["tid"] for th in self.plan.threads],
-                "pages_written": self.pages_written, "bytes_written": self.bytes_written,
-                "restore_ms": self.timings["total"], "timings_ms": self.timings,
-                "injected_syscalls": r.calls}
-
-    def _kill(self):
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        tids = list(self.remote.threads) if self.remote else [self.pid]
-        # the kernel reports a thread group's leader only after its other (traced) threads
-        for tid in sorted(tids, key=lambda t: t == self.pid):
-            try:
-                os.waitpid(tid, 0x40000000)
-            except ChildProcessError:
-                pass
+    def build(self):
+        """Everything but the release: address space, pages, process state, fds, threads."""
+        t = time.perf_counter()
+        self._clear_address_space()
+        t = self._lap("unmap", t)
+        self._map_layout()
+        t = self._lap("map", t)
+        self._patch_pages()
+        t = self._lap("write_pages", t)
+        self._process_state()
+        t = self._lap("process_state", t)
+        self._threads()
+        self._lap("threads", t)
 
     # -- address space -----------------------------------------------------------------
     def _clear_address_space(self):
@@ -296,7 +327,7 @@ class Builder:
         holes.append((lo, TASK_TOP))
         r.many([(sysno.munmap, (s, e - s)) for s, e in holes], what="munmap of the restorer's own memory")
         # scratch area where nothing of the image or the specials lies
-        busy = [(m["start"], m["end"]) for m in self.plan.maps] + specials
+        busy = [(m["start"], m["end"]) for m in self.pp.maps] + specials
         scratch = _free_gap(busy, SCRATCH_SIZE)
         got = r.call(sysno.mmap, scratch, SCRATCH_SIZE, 3, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0,
                      what="mmap of the scratch area")
@@ -307,7 +338,7 @@ class Builder:
     def _move_specials(self, cur):
         r = self.remote
         now = {v.path: v for v in cur if v.special and v.path != "[vsyscall]"}
-        want = {m["path"]: m for m in self.plan.maps if m["kind"] == "special" and m["path"] != "[vsyscall]"}
+        want = {m["path"]: m for m in self.pp.maps if m["kind"] == "special" and m["path"] != "[vsyscall]"}
         if set(now) != set(want) or any(now[k].size != want[k]["end"] - want[k]["start"] for k in now):
             raise RestoreError("the image's vdso/vvar layout (%s) does not match this kernel's (%s): "
                                "restore needs the kernel the dump was made on"
@@ -335,23 +366,27 @@ class Builder:
         opened = {}       # path or shmem inode -> fd in the child
         calls = []
         shm_sizes = {}
-        for m in self.plan.maps:
+        for m in self.pp.maps:
             if m["kind"] == "shmem":
                 key = (m["dev"], m["inode"])
+                if key in self.plan.shm:    # made once for the tree, with its pages (Plan.shared_memory)
+                    if key not in opened:
+                        opened[key] = r.take(self.plan.shm[key], what="shared memory %s" % m["path"])
+                    continue
                 shm_sizes[key] = max(shm_sizes.get(key, 0), m["offset"] + m["end"] - m["start"])
         for key, size in shm_sizes.items():
             r.reset()
             fd = r.call(sysno.memfd_create, r.put_str("ckpt-shmem"), 1, what="memfd_create")   # MFD_CLOEXEC
             r.call(sysno.ftruncate, fd, size, what="ftruncate of shared memory")
             opened[key] = fd
-        for m in self.plan.maps:
+        for m in self.pp.maps:
             k = m["kind"]
             if k not in ("file-private", "file-shared") or _deleted(m):
                 continue
             key = ("map", m["path"], _map_mode(m))
             if key not in opened:
-                opened[key] = r.take(self.plan.paths.get(key), what="the mapped file %s" % m["path"])
-        for m in self.plan.maps:
+                opened[key] = r.take(self.pp.paths.get(key), what="the mapped file %s" % m["path"])
+        for m in self.pp.maps:
             k = m["kind"]
             size = m["end"] - m["start"]
             prot = _prot(m["perms"])
@@ -382,9 +417,11 @@ class Builder:
         r = self.remote
         reader = self.plan.reader
         spans = []
-        for m in self.plan.maps:
+        for m in self.pp.maps:
             if m["kind"] in ("special", "file-shared"):
                 continue
+            if m["kind"] == "shmem" and (m["dev"], m["inode"]) in self.plan.shm:
+                continue    # its pages are in the object already
             spans.append((m["start"], m["end"], m["kind"] in ("anon", "shmem") or _deleted(m)))
         spans.sort()
         runs, buf, size = [], bytearray(), 0
@@ -401,7 +438,7 @@ class Builder:
                 self.bytes_written += size
             runs, buf, size = [], bytearray(), 0
 
-        extents = reader.extents()
+        extents = reader.extents(self.pid)
         j = 0
         for s, e, zero_src in spans:
             while j < len(extents) and extents[j][1] <= s:
@@ -428,8 +465,8 @@ class Builder:
     # -- process ------------------------------------------------------------------------
     def _process_state(self):
         r = self.remote
-        p = self.plan.proc
-        paths = self.plan.paths
+        p = self.pp.proc
+        paths = self.pp.paths
         exe_fd = -1
         if "exe" in paths.held and not _same_file("/proc/%d/exe" % self.pid, paths.get("exe")):
             # the kernel refuses to change the exe link while the old exe is mapped: when the
@@ -455,14 +492,14 @@ class Builder:
         # are made with the process's rights too (CAP_NET_ADMIN on top, for TCP repair)
         extra = (CAP_NET_ADMIN,) if self.plan.trusted else ()
         with acting_as(p["creds"], extra_caps=extra):
-            files.restore_fds(r, self.plan.fds, self.opts, paths)
+            files.restore_fds(r, self.pp.fds, self.opts, paths, self.tree)
         process.restore_rlimits(self.pid, p, self.opts.warn)
 
     def _process_file_ids(self):
         """The restored process's groups and file uid/gid become the dumped ones (the file
         capabilities of root go with a non-zero fsuid), ahead of its full credentials."""
         r = self.remote
-        creds = self.plan.proc["creds"]
+        creds = self.pp.proc["creds"]
         groups = creds["groups"]
         r.reset()
         r.many([(sysno.setgroups, (len(groups), r.put(struct.pack("<%dI" % len(groups), *groups)) if groups else 0)),
@@ -471,41 +508,47 @@ class Builder:
 
     def _threads(self):
         r = self.remote
-        main = [t for t in self.plan.threads if t["tid"] == self.pid]
+        main = [t for t in self.pp.threads if t["tid"] == self.pid]
         if not main:
             raise RestoreError("image has no state for the main thread %d" % self.pid)
-        others = [t for t in self.plan.threads if t["tid"] != self.pid]
+        others = [t for t in self.pp.threads if t["tid"] != self.pid]
         if others:
             _call(PTRACE_SETOPTIONS, self.pid, 0, PTRACE_O_TRACECLONE)
         for t in others:
             threads.create_thread(r, t["tid"])
-        for t in self.plan.threads:
+        for t in self.pp.threads:
             threads.restore_thread_state(r, t)
-        for t in self.plan.threads:
+        for t in self.pp.threads:
             threads.requeue_signals(r, t, self.pid)
         r.reset()
         calls = []
-        for raw in self.plan.proc.get("shared_signals", []):
+        for raw in self.pp.proc.get("shared_signals", []):
             info = base64.b64decode(raw)
             calls.append((sysno.rt_sigqueueinfo, (self.pid, struct.unpack_from("<i", info)[0], r.put(info))))
         r.many(calls, what="queueing a process-wide pending signal")
         # last: credentials drop to what was dumped, the scratch area goes, registers are set
-        creds = self.plan.proc["creds"]
-        for t in self.plan.threads:
+        creds = self.pp.proc["creds"]
+        for t in self.pp.threads:
             process.restore_credentials(r, t["tid"], creds)
-        process.restore_after_credentials(r, self.plan.proc, self.opts.warn, self.plan.trusted)
+        process.restore_after_credentials(r, self.pp.proc, self.opts.warn, self.plan.trusted)
         r.call(sysno.munmap, r.scratch, SCRATCH_SIZE, what="munmap of the scratch area")
         r.scratch = None
-        for t in self.plan.threads:
+        for t in self.pp.threads:
             threads.restore_thread_regs(r, t)
-        for t in self.plan.threads:
+        for t in self.pp.threads:
             problems = process.check_no_more_privilege(self.pid, t["tid"], creds)
             if problems:
                 raise RestoreError("thread %d would have more privilege than dumped: %s" % (t["tid"], "; ".join(problems)))
 
-    def _release(self):
-        self.remote.call(sysno.prctl, PR_SET_PDEATHSIG, 0, 0, 0, 0, what="prctl(PR_SET_PDEATHSIG, 0)")
-        process.restore_stop_state(self.pid, self.plan.threads)
+    def prepare_release(self, root):
+        """The parent-death signal becomes the dumped one (the SIGKILL that tied the process to
+        ckpt while it was built goes); the target's own stays unset: its parent is ckpt now,
+        which exits. A stopped process is stopped again."""
+        sig = 0 if root else self.pp.proc.get("pdeathsig", 0)
+        self.remote.call(sysno.prctl, PR_SET_PDEATHSIG, sig, 0, 0, 0, what="prctl(PR_SET_PDEATHSIG, %d)" % sig)
+        process.restore_stop_state(self.pid, self.pp.threads)
+
+    def release(self):
         for t in self.remote.threads.values():
             t.detach()
 
@@ -528,10 +571,11 @@ def _deleted(m):
 
 
 def restore(path, opts):
+    from ckpt.restore.tree import TreeRestore
     plan = Plan(path, opts)
     try:
         try:
-            res = Builder(plan, opts).run()
+            res = TreeRestore(plan, opts).run()
         except BaseException:
             try:
                 files.restored(plan.metas, ok=False)

@@ -26,6 +26,8 @@ SYS_prctl = 157
 SYS_personality = 135
 PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
 PR_GET_SECUREBITS, PR_SET_SECUREBITS = 27, 28
+PR_GET_PDEATHSIG, PR_SET_PDEATHSIG = 2, 1
+PR_GET_CHILD_SUBREAPER, PR_SET_CHILD_SUBREAPER = 37, 36
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 47, 2
 CAP_SETPCAP = 8
 NSIG = 64
@@ -92,10 +94,11 @@ def dump_process(pid, leader, injector):
     calls += [(SYS_getitimer, (which, Out(32))) for which in (0, 1, 2)]
     # securebits are per thread, but set alike in every thread by anything but a deliberate
     # per-thread prctl; the dumpable flag belongs to the whole process (its mm)
+    calls += [(SYS_prctl, (PR_GET_PDEATHSIG, Out(4), 0, 0, 0)), (SYS_prctl, (PR_GET_CHILD_SUBREAPER, Out(4), 0, 0, 0))]
     calls += [(SYS_prctl, (PR_GET_SECUREBITS, 0, 0, 0, 0)), (SYS_prctl, (PR_GET_DUMPABLE, 0, 0, 0, 0))]
     res = injector.run(leader, calls)
     mm["brk"] = res[0][0]
-    (securebits, _), (dumpable, _) = res[-2:]
+    (r_pd, pdeathsig), (r_sr, subreaper), (securebits, _), (dumpable, _) = res[-4:]
     handlers = {}
     for sig, (r, raw) in zip(sigs, res[1:1 + len(sigs)]):
         if r == 0:
@@ -126,6 +129,11 @@ def dump_process(pid, leader, injector):
         "dumpable": dumpable if dumpable >= 0 else None, "cgroups": cgroups(pid),
         "shared_signals": [base64.b64encode(x).decode() for x in peek_siginfo(leader.tid, shared=True)],
         "threads_count": int(st.get("Threads", "1")),
+        # the signal the process gets when its parent dies (of the main thread: it is per
+        # thread), and whether it reaps its orphaned descendants (PR_SET_CHILD_SUBREAPER)
+        "pdeathsig": struct.unpack_from("<i", pdeathsig)[0] if r_pd == 0 else 0,
+        "exit_signal": int(stat[38]) if len(stat) > 38 else signal.SIGCHLD,
+        "subreaper": bool(struct.unpack_from("<i", subreaper)[0]) if r_sr == 0 else False,
     }
 
 
@@ -158,7 +166,7 @@ def restore_mm(remote, d, exe_fd):
 
 
 def restore_process(remote, d):
-    """Signal handlers (every signal: dumped or default), interval timers, umask, group."""
+    """Signal handlers (every signal: dumped or default), interval timers, umask, subreaper."""
     from ckpt.kernel import sysno
     remote.reset()
     calls = []
@@ -176,12 +184,11 @@ def restore_process(remote, d):
         if tm:
             calls.append((sysno.setitimer, (which, remote.put(struct.pack("<qqqq", *tm["interval"], *tm["value"])), 0)))
     calls.append((sysno.umask, (d["umask"],)))
+    if d.get("subreaper"):
+        calls.append((sysno.prctl, (PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)))
     # the working directory is set by the builder, from the directory the plan opened and checked
     remote.many(calls, what=lambda nr, a: "syscall %d" % nr)
-    if d["sid"] == d["pid"]:
-        remote.call(sysno.setsid, what="setsid")
-    elif d["pgid"] == d["pid"]:
-        remote.call(sysno.setpgid, 0, 0, what="setpgid")
+    # session and process group: set when the process is created (restore/tree.py)
     restore_personality(remote, d)
 
 
