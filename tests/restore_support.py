@@ -49,6 +49,7 @@ FP_FLAGS = ["-mavx2"] if HAVE_AVX2 else ["-msse4.2"]
 C_TARGETS = {
     "compute": [],
     "family": [],
+    "forker": [],
     "blocker": [],
     "fdcheck": [],
     "evfds": [],

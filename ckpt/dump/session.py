@@ -247,16 +247,15 @@ class Dump:
         """The tree: the target and its descendants (or the target alone with --single, after
         checking that nothing would be cut from it)."""
         self.members = {self.pid: Member(self.pid, self)}
-        below = tree.descendants(self.pid)
+        below = tree.descendants(self.pid, self.opts.single)
         if self.opts.single:
             tree.refuse_cut(self.pid, below)
             return
         for info in below:
             if info["state"] in ("Z", "X"):
                 self.zombies.append(info)
-                continue
-            check_target(info["pid"], leave_running=True)
-            self.members[info["pid"]] = Member(info["pid"], self)
+            elif _joins(info["pid"]):
+                self.members[info["pid"]] = Member(info["pid"], self)
         tree.check_links(self.pid, [procfs.links(p) for p in self.members] + self.zombies)
         tree.refuse_outside_sharing(self.pid, list(self.members))
 
@@ -423,9 +422,8 @@ class Dump:
             for info in tree.descendants(self.pid):
                 if info["state"] in ("Z", "X"):
                     self.zombies.append(info)
-                elif info["pid"] not in self.members and info["ppid"] in self.members:
+                elif info["pid"] not in self.members and info["ppid"] in self.members and _joins(info["pid"]):
                     m = Member(info["pid"], self, late=True)
-                    check_target(m.pid, leave_running=True)
                     self._start(m)
                     refuse_namespaces(m.pid)
                     m.described = files.check(m.pid)
@@ -600,7 +598,6 @@ class Dump:
             tr, m.tracker = m.tracker, None
             if tr is not None:
                 tr.disarm()
-            m.close()
 
     def _abandon(self):
         """Failure or interruption: every process goes on exactly as before, no image is left."""
@@ -623,6 +620,23 @@ class Dump:
             self.writer.abort()
         if errors:
             raise errors[0]
+
+
+def _joins(pid):
+    """Whether a descendant found running joins the dump: checked as the target is (refused
+    with the reason when it cannot be dumped); one that exits meanwhile (gone, or its memory
+    already released) does not, and is found again as a zombie if its parent has not reaped it."""
+    try:
+        check_target(pid, leave_running=True)
+        return True
+    except (TargetError, TargetGone):
+        try:
+            running = procfs.proc_state(pid) not in ("Z", "X") and bool(procfs.read_maps(pid))
+        except (CkptError, OSError):
+            running = False
+        if running:
+            raise
+        return False
 
 
 def _exited(pid):

@@ -17,10 +17,13 @@ from ckpt.kernel.native import PAGE_SIZE
 SHM_SPACE = 1 << 62
 
 
-def descendants(pid):
+def descendants(pid, single=False):
     """Every descendant of pid, zombies too, parents first (procfs.links of each). ckpt itself
-    must not be among them: it cannot freeze or kill itself."""
+    must not be among them (it cannot freeze or kill itself), except for --single, where it is
+    left out (a shell dumping itself)."""
     below = procfs.descendants(pid)
+    if single:
+        return [i for i in below if i["pid"] != os.getpid()]
     if any(i["pid"] == os.getpid() for i in below):
         raise TargetError("ckpt itself runs as a descendant of process %d: run it from outside the process "
                           "tree it dumps, or dump with --single" % pid)

@@ -232,7 +232,8 @@ class TreeObjects:
     restored later take the very same object. Also how ckpt reaches the fds of processes
     already restored (their pidfds). One per restore; closed at its end."""
 
-    def __init__(self):
+    def __init__(self, several=False):
+        self.several = several  # more than one process: objects are kept for the others
         self.objects = {}       # key -> tuple of ckpt-local fds
         self.pidfds = {}
 
@@ -243,7 +244,9 @@ class TreeObjects:
             if r < 0:
                 raise RestoreError("process %d: pidfd_open: %s" % (pid, os.strerror(-r)))
             self.pidfds[pid] = r
-        r = lib.ck_pidfd_getfd(self.pidfds[pid], fd)
+        from ckpt.restore.creds import CAP_SYS_PTRACE, raised
+        with raised(CAP_SYS_PTRACE):    # ckpt acts as the process meanwhile (restore_fds)
+            r = lib.ck_pidfd_getfd(self.pidfds[pid], fd)
         if r < 0:
             raise RestoreError("process %d: its fd %d cannot be taken (pidfd_getfd): %s" % (pid, fd, os.strerror(-r)))
         return r
@@ -305,6 +308,6 @@ class Table:
     def share(self, key, fds):
         """Offer the object just made in this process (its fds here) to the processes of the
         tree restored after it (see shared)."""
-        if key not in self.tree.objects:
+        if self.tree.several and key not in self.tree.objects:
             self.tree.objects[key] = tuple(self.tree.take_from(self.remote.pid, fd) for fd in fds)
         return fds

@@ -9,18 +9,29 @@ from ckpt.image.reader import ImageReader
 def describe(path):
     with ImageReader(path) as r:
         metas = r.metas()
-        extents = r.extents()
-        starts = [x[0] for x in extents]
-        maps = []
-        for m in metas.get("mappings", []):
+        tree = metas.get("tree") or {}
+        # shared memory of a tree's image is held by object, at its offsets (ckpt/dump/tree.py)
+        shm = {(o["dev"], o["inode"]): o["space"] for o in tree.get("shm", [])}
+
+        def pages_of(m):
+            space, shift = None, 0
+            if m["kind"] == "shmem" and (m["dev"], m["inode"]) in shm:
+                space, shift = shm[(m["dev"], m["inode"])], m["offset"] - m["start"]
+            extents = r.extents(space)
+            lo, hi = m["start"] + shift, m["end"] + shift
+            i = max(0, bisect.bisect_right([x[0] for x in extents], lo) - 1)
             n = 0
-            i = max(0, bisect.bisect_right(starts, m["start"]) - 1)
-            while i < len(extents) and extents[i][0] < m["end"]:
+            while i < len(extents) and extents[i][0] < hi:
                 s, e = extents[i][:2]
-                n += max(0, min(e, m["end"]) - max(s, m["start"])) // r.page_size
+                n += max(0, min(e, hi) - max(s, lo)) // r.page_size
                 i += 1
-            maps.append(dict(m, pages_in_image=n))
+            return n
+
+        maps = [dict(m, pages_in_image=pages_of(m)) for m in metas.get("mappings", [])]
         total, zero = r.page_bytes()
+        for space in [o["space"] for o in tree.get("shm", [])] + [p["pid"] for p in tree.get("processes", [])]:
+            t, z = r.page_bytes(space)
+            total, zero = total + t, zero + z
         payload = 0
         for rec in r.iter_records():
             if rec.rtype in (fmt.PAGES, fmt.SCATTER):
@@ -29,6 +40,8 @@ def describe(path):
             "bytes": r.size, "format": r.header.get("format"), "arch": r.header.get("arch"),
             "kernel": r.header.get("kernel"), "page_size": r.page_size, "created": r.header.get("created"),
             "process": metas.get("process", {}),
+            "tree": {"processes": [metas.get("process", {}).get("pid")] + [p["pid"] for p in tree.get("processes", [])],
+                     "zombies": [z["pid"] for z in tree.get("zombies", [])]},
             "threads": [t["tid"] for t in metas.get("threads", [])],
             "mappings": maps, "fds": metas.get("fds", []), "dump": metas.get("dump", {}),
             "pages": total, "zero_pages": zero, "payload_bytes": payload, "records": len(r.records),

@@ -320,6 +320,8 @@ class ImageReader:
             self._extents = {}
         if not any(r[3] == fmt.SPACE for r in self.records):
             space = None
+        elif space is None:     # the dumped process's own (a tree's image holds its descendants' too)
+            space = (self.meta("process") or {}).get("pid")
         if space in self._extents:
             return self._extents[space]
         ps = self.page_size

@@ -107,6 +107,28 @@ def acting_as(creds, extra_caps=()):
                 _back(eff0, prm0, inh0, groups0)
 
 
+CAP_SYS_PTRACE = 19
+
+
+@contextlib.contextmanager
+def raised(cap):
+    """Within acting_as: one of ckpt's own capabilities raised for the body only (e.g.
+    CAP_SYS_PTRACE to take an fd of a restored process with pidfd_getfd, which the kernel
+    checks against the caller's effective capabilities)."""
+    if os.geteuid() == 0 and os.getuid() == 0:
+        yield       # not acting as anyone
+        return
+    eff, prm, inh = _capget()
+    if not prm & (1 << cap) or eff & (1 << cap):
+        yield
+        return
+    _capset(eff | (1 << cap), prm, inh)
+    try:
+        yield
+    finally:
+        _capset(eff, prm, inh)
+
+
 def _back(eff0, prm0, inh0, groups0):
     _capset(prm0, prm0, inh0)
     _sys(SYS_setresuid, -1, 0, -1, what="setresuid back to root")
@@ -119,4 +141,4 @@ def _back(eff0, prm0, inh0, groups0):
     _libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
 
 
-__all__ = ["acting_as", "cap_bits", "CAP_NET_ADMIN", "CAP_NET_RAW"]
+__all__ = ["acting_as", "raised", "cap_bits", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_PTRACE"]

@@ -39,7 +39,7 @@ class TreeRestore:
         self.plan = plan
         self.opts = opts
         self.remotes = {}       # pid -> Remote, in creation order (zombies too)
-        self.tree = TreeObjects()
+        self.tree = TreeObjects(several=len(plan.members) > 1)
         self.links = {pp.pid: pp.proc for pp in plan.members}
         for z in plan.zombies:
             self.links[z["pid"]] = z

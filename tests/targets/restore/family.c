@@ -16,6 +16,8 @@
  * Links: child 1 makes its own session, child 2 its own process group, which child 3 joins.
  * Every process appends lines to LOG through one open file description inherited across fork
  * (one offset: lines would overwrite each other if it were not shared).
+ * Child 3 has SIGTERM as its parent-death signal, the parent is a child subreaper: each checks
+ * at every step that it still is (else "BAD").
  * ZOMBIE_AT > 0: a fourth child exits with status 7 at once; the parent reaps it at that step
  * and prints "reaped zombie status 7".
  * GATE >= 0: the parent waits for SIGUSR2 before step GATE (rs.h).
@@ -23,6 +25,7 @@
 #include "rs.h"
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 
 #define NCHILD 3
@@ -78,6 +81,8 @@ int main(int argc, char **argv)
 	if (shared == MAP_FAILED)
 		rs_die("mmap shared");
 	int cmd[NCHILD][2], rep[NCHILD][2];
+	if (prctl(PR_SET_CHILD_SUBREAPER, 1) < 0)
+		rs_die("PR_SET_CHILD_SUBREAPER");
 	pid_t kid[NCHILD];
 	rs_init();
 	for (int i = 0; i < NCHILD; i++) {
@@ -92,6 +97,8 @@ int main(int argc, char **argv)
 				rs_die("setsid");
 			if (who == 2 && setpgid(0, 0) < 0)
 				rs_die("setpgid");
+			if (who == 3 && prctl(PR_SET_PDEATHSIG, SIGTERM) < 0)
+				rs_die("PR_SET_PDEATHSIG");
 			for (int j = 0; j <= i; j++) {     /* the parent's ends, its own and its elders' */
 				close(cmd[j][1]);
 				close(rep[j][0]);
@@ -107,6 +114,11 @@ int main(int argc, char **argv)
 				if (n != sizeof(k))
 					rs_die("read token");
 				int bad = 0;
+				if (who == 3) {
+					int sig = 0;
+					if (prctl(PR_GET_PDEATHSIG, &sig) < 0 || sig != SIGTERM)
+						bad = 1;
+				}
 				struct report r = {who, k, work(who, k, priv, &bad)};
 				if (bad)
 					r.child = -who;
@@ -144,8 +156,10 @@ int main(int argc, char **argv)
 				if (write(cmd[i][1], &sent, sizeof(sent)) != sizeof(sent))
 					rs_die("write token");
 		}
-		int bad = 0;
+		int bad = 0, reaper = 0;
 		hash = rs_mix(hash, work(0, k, priv, &bad));
+		if (prctl(PR_GET_CHILD_SUBREAPER, &reaper) < 0 || reaper != 1)
+			printf("BAD parent is no longer a child subreaper at step %ld\n", k);
 		if (bad)
 			printf("BAD parent memory at step %ld\n", k);
 		for (int i = 0; i < NCHILD; i++) {

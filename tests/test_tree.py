@@ -1,0 +1,164 @@
+"""Process trees: a process dumped with all its descendants, in one freeze, and restored with
+the same PIDs, parents, sessions, process groups, zombies, pipes, shared memory and shared
+open files (issue 8)."""
+import collections
+import os
+import re
+import signal
+import time
+
+from restore_support import (WAIT, alive, dump, image_meta, procs, read_lines, reap_killed, reference,  # noqa: F401
+                             restore_ok, rs_built, run_ckpt, subreaper, wait_file_line, wait_gone)
+from ckpt.kernel import procfs
+
+# family MIB STEPS EVERY GATE LOG ZOMBIE_AT
+STEPS, EVERY, GATE, ZOMBIE_AT = 40000, 500, 30000, 35000
+
+
+def _links(pid):
+    i = procfs.links(pid)
+    return (i["ppid"], i["pgid"], i["sid"], i["state"] == "Z")
+
+
+def _reap_orphans(pids, timeout=WAIT):
+    """The original tree's processes, killed by the dump, end up ours (the tests run as a child
+    subreaper): reap them so that their PIDs are free for the restore."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while os.path.exists("/proc/%d" % pid):
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            assert time.monotonic() < deadline, "process %d was not reaped" % pid
+            time.sleep(0.005)
+
+
+def _start_family(procs, tmp_path, log, *, gate=GATE, steps=STEPS, zombie_at=ZOMBIE_AT):
+    out = tmp_path / "family.out"
+    p, _ = procs.start("family", 16, steps, EVERY, gate, log, zombie_at, stdout=out)
+    line = wait_file_line(out, lambda s: s.startswith("family "), proc=p)
+    kids = [int(x) for x in line.split()[1:]]
+    wait_file_line(out, lambda s: s == "step 2000 hash" or s.startswith("step 2000 "), proc=p)
+    return p, out, kids
+
+
+def _check_log(path, steps):
+    """Every writer's lines whole and in sequence: the log's one open file (one offset) was
+    shared by the four processes before and after the restore."""
+    seq = collections.defaultdict(list)
+    for line in read_lines(path):
+        m = re.fullmatch(r"(child [123]|parent) step (\d+)", line)
+        assert m, "a damaged line in the shared log: %r" % line
+        seq[m.group(1)].append(int(m.group(2)))
+    want = list(range(EVERY, steps + 1, EVERY))
+    for who in ("parent", "child 1", "child 2", "child 3"):
+        assert seq[who] == want, "%s logged %s ... (expected every %d steps up to %d)" % (who, seq[who][:5], EVERY, steps)
+
+
+def test_family_dumped_whole_and_restored(procs, tmp_path):
+    """A parent and three children writing hard to pipes and shared memory: one dump with
+    --verify takes all four (and a zombie child), restore brings back the same PIDs, parent
+    links, session and group, and the computation ends exactly as an uninterrupted run."""
+    log = tmp_path / "family.log"
+    p, out, kids = _start_family(procs, tmp_path, log)
+    tree = [p.pid] + kids
+    zombie = [i["pid"] for i in procfs.descendants(p.pid) if i["state"] == "Z"]
+    assert len(zombie) == 1, procfs.descendants(p.pid)
+    before = {pid: _links(pid) for pid in tree + zombie}
+    assert before[kids[0]][2] == kids[0] and before[kids[1]][1] == kids[1] == before[kids[2]][1]
+    for pid in tree + zombie:
+        procs.adopt(pid)
+    res = dump(p.pid, tmp_path / "tree.img")
+    assert res["processes"] == tree and res["zombies"] == zombie, res
+    assert res["pages_verified"] > 4 * 1024, res
+    reap_killed(p)
+    _reap_orphans(kids + zombie)
+    restore_ok(procs, tmp_path / "tree.img")
+    # at the gate: everything in place, the zombie not yet reaped
+    wait_file_line(out, lambda s: s == "step %d hash" % (GATE - EVERY) or s.startswith("step %d " % (GATE - EVERY)))
+    after = {pid: _links(pid) for pid in tree + zombie}
+    assert after == before
+    os.kill(p.pid, signal.SIGUSR2)
+    wait_file_line(out, lambda s: s.startswith("done "))
+    got = read_lines(out)
+    assert not [s for s in got if s.startswith(("BAD", "ERROR", "CRASH"))], got
+    ref_lines, rc = reference("family", 16, STEPS, EVERY, -1, tmp_path / "reference.log", ZOMBIE_AT).lines()
+    assert rc == 0
+    assert got[2:] == ref_lines[2:], "the restored tree's output differs from an uninterrupted run"
+    assert "reaped zombie status 7" in got
+    _check_log(log, STEPS)
+    for pid in tree:
+        wait_gone(pid)
+
+
+def test_leave_running_tree_dumps_consistently(procs, tmp_path):
+    """Repeated live dumps of the tree with --verify while every process writes, each leaving
+    the tree running untouched."""
+    log = tmp_path / "family.log"
+    p, out, kids = _start_family(procs, tmp_path, log, gate=-1, steps=10 ** 9, zombie_at=0)
+    for pid in kids:
+        procs.adopt(pid)
+    for k in range(3):
+        res = dump(p.pid, tmp_path / ("live%d.img" % k), "--leave-running")
+        assert res["processes"] == [p.pid] + kids, res
+        tree = image_meta(tmp_path / ("live%d.img" % k))["tree"]
+        assert [q["pid"] for q in tree["processes"]] == kids
+        assert len(tree["shm"]) == 1 and tree["shm"][0]["pids"] == [p.pid] + kids, tree["shm"]
+    n = len(read_lines(out))
+    wait_file_line(out, lambda s: s.startswith("step ") and len(read_lines(out)) > n + 2, proc=p)
+    assert all(alive(pid) for pid in [p.pid] + kids)
+    assert not [s for s in read_lines(out) if s.startswith(("BAD", "ERROR", "CRASH"))]
+
+
+def test_single_refuses_to_cut_the_tree(procs, tmp_path):
+    """--single on a process with children is refused, naming them; the tree runs on."""
+    log = tmp_path / "family.log"
+    p, out, kids = _start_family(procs, tmp_path, log, gate=-1, steps=10 ** 9, zombie_at=0)
+    for pid in kids:
+        procs.adopt(pid)
+    rc, _, err = run_ckpt("dump", p.pid, "-o", tmp_path / "one.img", "--single")
+    assert rc != 0 and "--single" in err and "children" in err and str(kids[0]) in err, err
+    assert not (tmp_path / "one.img").exists()
+    # a child alone: it shares its pipes and shared memory with its parent
+    rc, _, err = run_ckpt("dump", kids[1], "-o", tmp_path / "kid.img", "--single", "--leave-running")
+    assert rc != 0 and "shares" in err and str(p.pid) in err, err
+    assert all(alive(pid) for pid in [p.pid] + kids)
+    n = len(read_lines(out))
+    wait_file_line(out, lambda s: s.startswith("step ") and len(read_lines(out)) > n + 1, proc=p)
+
+
+def test_restore_refuses_a_taken_pid(procs, tmp_path):
+    """A PID of the tree in use at restore: a clear error before anything is created."""
+    log = tmp_path / "family.log"
+    p, out, kids = _start_family(procs, tmp_path, log, gate=-1, steps=10 ** 9, zombie_at=0)
+    for pid in kids:
+        procs.adopt(pid)
+    dump(p.pid, tmp_path / "tree.img", "--leave-running")
+    rc, _, err = run_ckpt("restore", tmp_path / "tree.img")
+    assert rc != 0 and "PID %d is in use" % p.pid in err, err
+    assert all(alive(pid) for pid in [p.pid] + kids)
+
+
+def test_fork_heavy_target(procs, tmp_path):
+    """Children created and reaped constantly during the dump: live dumps succeed with --verify
+    whatever child is alive at the freeze, and a dump that kills restores a program that goes
+    on forking and checking its children's statuses."""
+    out = tmp_path / "forker.out"
+    p, _ = procs.start("forker", 8, 500, 10 ** 9, -1, stdout=out)
+    wait_file_line(out, lambda s: s.startswith("forks 1000 "), proc=p)
+    for k in range(3):
+        dump(p.pid, tmp_path / ("live%d.img" % k), "--leave-running")
+    res = dump(p.pid, tmp_path / "forker.img")
+    gone = [q for q in res["processes"] + res["zombies"] if q != p.pid]
+    for q in gone:
+        procs.adopt(q)
+    reap_killed(p)
+    _reap_orphans(gone)
+    n = len(read_lines(out))
+    restore_ok(procs, tmp_path / "forker.img")
+    wait_file_line(out, lambda s: s.startswith("forks ") and len(read_lines(out)) > n + 3)
+    got = read_lines(out)
+    assert not [s for s in got if s.startswith(("BAD", "ERROR", "CRASH"))], got[-5:]
+    counts = [int(s.split()[1]) for s in got if s.startswith("forks ")]
+    assert counts == list(range(500, 500 * len(counts) + 1, 500)), counts[-5:]
