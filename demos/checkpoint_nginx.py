@@ -34,7 +34,6 @@ import argparse
 import collections
 import hashlib
 import http.client
-import json
 import os
 import random
 import re
@@ -146,11 +145,20 @@ class Conn:
         self.c.close()
 
 
-def get(port, path):
-    c = Conn(port)
+FRESH = 20     # seconds for a new connection's request: nginx answers at once, a lock or a dead listener never
+
+
+def get(port, path, timeout=FRESH):
+    """GET path on a new connection: (body, the answering worker's PID); DemoError on failure."""
+    try:
+        c = Conn(port, timeout=timeout)
+    except OSError as e:
+        raise DemoError("GET %s on 127.0.0.1:%d: connect: %s" % (path, port, e or type(e).__name__)) from None
     try:
         data, r = c.get(path)
         return data, int(r.getheader("X-Worker") or 0)
+    except OSError as e:
+        raise DemoError("GET %s on 127.0.0.1:%d: %s: %s" % (path, port, type(e).__name__, e)) from None
     finally:
         c.close()
 
@@ -167,7 +175,11 @@ def check_files(port, files):
     """GET every file on a fresh connection: list of (name, ok, detail)."""
     out = []
     for name, (data, digest) in sorted(files.items()):
-        got, worker = get(port, "/" + name)
+        try:
+            got, worker = get(port, "/" + name)
+        except DemoError as e:
+            out.append((name, False, str(e)))
+            continue
         h = hashlib.sha256(got).hexdigest()
         out.append((name, h == digest, "%d bytes, sha256 %s... (worker %d)" % (len(got), h[:12], worker)))
     return out
@@ -178,13 +190,16 @@ def shared_counter(port, conns=12, rounds=3):
     each in turn, `rounds` times: the stub_status request counter lives in memory every worker
     writes, so it must grow with every request whichever worker answers. Returns (grows, served
     by worker -> requests, first counter, last counter)."""
-    cs = [Conn(port) for _ in range(conns)]
-    seq = []
+    cs, seq = [], []
     try:
+        for _ in range(conns):
+            cs.append(Conn(port, timeout=FRESH))
         for _ in range(rounds):
             for c in cs:
                 data, r = c.get("/status")
                 seq.append((int(r.getheader("X-Worker") or 0), stub_status(data)["requests"]))
+    except OSError as e:
+        raise DemoError("GET /status on 127.0.0.1:%d: %s: %s" % (port, type(e).__name__, e)) from None
     finally:
         for c in cs:
             c.close()
@@ -219,6 +234,55 @@ def proc_ids(pid):
     except (OSError, AttributeError):
         return None
     return int(fields[1]), int(fields[2]), int(fields[3]), uid, cmd
+
+
+def lock_tables(pids):
+    """ckpt's network lock tables (nftables `inet ckpt_lock_PID`) present for these PIDs; None
+    when nft is not there to ask."""
+    if not shutil.which("nft"):
+        return None
+    p = subprocess.run(["nft", "list", "tables"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       timeout=WAIT)
+    if p.returncode != 0:
+        return None
+    names = set(re.findall(r"^table inet (ckpt_lock_\d+)$", p.stdout, re.M))
+    return sorted(n for n in names if int(n.rsplit("_", 1)[1]) in pids)
+
+
+def holders(link, pids):
+    """(pid, fd) of these processes whose fd is `link` (e.g. socket:[123])."""
+    out = []
+    for pid in pids:
+        try:
+            for fd in os.listdir("/proc/%d/fd" % pid):
+                try:
+                    if os.readlink("/proc/%d/fd/%s" % (pid, fd)) == link:
+                        out.append((pid, int(fd)))
+                except OSError:
+                    pass
+        except OSError:
+            pass
+    return sorted(out)
+
+
+def explain(msg, master, workers):
+    """What nginx holds in the fd a ckpt refusal names (`process P: fd N is ...`), when the
+    processes still run: which processes of the tree hold it too."""
+    m = re.search(r"process (\d+): fd (\d+) ", msg)
+    if not m:
+        return ""
+    pid, fd = int(m.group(1)), int(m.group(2))
+    try:
+        link = os.readlink("/proc/%d/fd/%d" % (pid, fd))
+    except OSError:
+        return ""
+    held = holders(link, [master] + workers)
+    role = "the master" if pid == master else "worker %d" % pid
+    text = "\n  (fd %d of %s is %s, held by %s" % (fd, role, link, ", ".join("%d fd %d" % h for h in held))
+    if link.startswith("socket:") and any(h[0] == master for h in held) and any(h[0] != master for h in held):
+        text += ": one of nginx's channels, the unix socketpairs the master makes before forking each worker " \
+                "and passes to the other workers with SCM_RIGHTS; both ends are held inside the tree"
+    return text + ")"
 
 
 def workers_of(master):
@@ -349,19 +413,13 @@ class Wrk:
         return res
 
 
-def image_pids(run, image):
-    """The PIDs an image holds, from `ckpt info --json`: every process of a tree image, or the
-    one process of a single-process image."""
-    rc, out, err, _ = run.ckpt("info", image, "--json", tag="info")
-    if rc != 0:
-        raise DemoError("`ckpt info %s` failed: %s" % (os.path.basename(image), err.strip() or out.strip()))
-    info = json.loads(out)
-    procs = info.get("processes")
+def dumped_pids(res):
+    """The PIDs a dump took, from its --json result: every process of the tree ("processes"),
+    or the one process of a dump without tree support."""
+    procs = res.get("processes")
     if isinstance(procs, list):
         return sorted(int(p["pid"] if isinstance(p, dict) else p) for p in procs)
-    if isinstance(procs, dict):
-        return sorted(int(p) for p in procs)
-    return [int(info["process"]["pid"])]
+    return [int(res["pid"])]
 
 
 # ---------------------------------------------------------------------- the demo
@@ -413,18 +471,18 @@ def run_demo(args):
                 try:
                     res, secs, d0, d1 = run.dump(m, img, "--leave-running", *extra, tag=tag)
                 except DemoError as e:
-                    raise DemoError("live dump of the nginx tree (master %d, workers %s): %s"
-                                    % (m, " ".join(map(str, ws)), e)) from None
+                    raise DemoError("live dump of the nginx tree (master %d, workers %s): %s%s"
+                                    % (m, " ".join(map(str, ws)), e, explain(str(e), m, ws))) from None
                 time.sleep(args.phase_seconds / 2)
                 r = wrk.result("load-" + tag, p)
                 pr = probe.window(d0, d1)
                 rows.append([label, r["requests"], fmt_ms(r["p50_ms"], 2), fmt_ms(r["p99_ms"], 2),
                              fmt_ms(r["max_ms"], 1), r["errors"], fmt_ms(pr["max_ms"], 1),
                              fmt_ms(res["freeze_ms"], 2)])
-                in_image = image_pids(run, img)
-                checks("%s: image holds the master and its %d workers" % (label, len(ws)),
+                in_image = dumped_pids(res)
+                checks("%s: the dump took the master and its %d workers" % (label, len(ws)),
                        in_image == sorted([m] + ws),
-                       "image holds %s%s" % (" ".join(map(str, in_image)),
+                       "processes %s%s" % (" ".join(map(str, in_image)),
                                              "" if set(ws) <= set(in_image)
                                              else " (ckpt dumped the master alone: workers %s left out)"
                                              % " ".join(str(w) for w in ws if w not in in_image)))
@@ -459,8 +517,11 @@ def run_demo(args):
         try:
             res_k, secs_k, _, _ = run.dump(m, img, tag="dump-kill")
         except DemoError as e:
-            raise DemoError("kill dump of the nginx tree (master %d, workers %s): %s"
-                            % (m, " ".join(map(str, ws)), e)) from None
+            raise DemoError("kill dump of the nginx tree (master %d, workers %s): %s%s"
+                            % (m, " ".join(map(str, ws)), e, explain(str(e), m, ws))) from None
+        for w in ws:      # a lock per process of the tree: lifted at the end if a restore does not
+            if w not in run.locked:
+                run.locked.append(w)
         rc = ngx.proc.wait(timeout=WAIT)      # the master, our child: reap it (frees its PID)
         gone = [w for w in ws if reap_gone(w)]
         checks("kill dump done: master and workers killed by it", rc == -9 and gone == ws,
@@ -468,11 +529,13 @@ def run_demo(args):
                % (res_k["freeze_ms"], res_k.get("threads"), res_k["image_bytes"] / 1024, secs_k, rc,
                   " ".join(map(str, gone)) or "none"))
         checks("nothing listens on port %d after the kill" % port, not port_has_listener(port))
-        in_image = image_pids(run, img)
-        checks("image holds the master and its %d workers" % len(ws), in_image == sorted([m] + ws),
-               "image holds %s" % " ".join(map(str, in_image)))
+        in_image = dumped_pids(res_k)
+        checks("kill dump took the master and its %d workers" % len(ws), in_image == sorted([m] + ws),
+               "processes %s" % " ".join(map(str, in_image)))
         res_r, secs_r = run.restore(img)
         k1 = time.monotonic()
+        if m not in run.locked:
+            run.locked.append(m)       # every process's lock, until seen lifted
         for w in workers_of(m):
             run.adopt(w)
         after = ngx.tree()
@@ -488,13 +551,30 @@ def run_demo(args):
             checks("process %d: same parent, process group, session, user, command" % pid, same,
                    "before (ppid, pgrp, sid, uid) %s, after %s" % (b[:4], a[:4] if a else "gone"))
 
-        half.sendall(b"\r\n")
-        resp = http.client.HTTPResponse(half)
-        resp.begin()
-        body = resp.read()
-        checks("request half sent before the dump completes after the restore",
-               resp.status == 200 and body == SMALL,
-               "HTTP %d from worker %s, %r" % (resp.status, resp.getheader("X-Worker"), body[:40]))
+        left = lock_tables([m] + ws)
+        if left is not None:
+            checks("the restore lifted the network lock of every process", not left,
+                   "left in nftables: %s (new connections to port %d and the connections these processes "
+                   "hold stay dropped); lifted now by the demo (`ckpt unlock`) to check the rest"
+                   % (", ".join(left), port) if left else "")
+            for name in left:
+                rc, out, err, _ = run.ckpt("unlock", name.rsplit("_", 1)[1], tag="unlock")
+                if rc != 0:
+                    raise DemoError("`ckpt unlock` of %s failed: %s" % (name, err.strip() or out.strip()))
+            run.locked = [x for x in run.locked if x not in [m] + ws]
+
+        try:
+            half.settimeout(FRESH)
+            half.sendall(b"\r\n")
+            resp = http.client.HTTPResponse(half)
+            resp.begin()
+            body = resp.read()
+            checks("request half sent before the dump completes after the restore",
+                   resp.status == 200 and body == SMALL,
+                   "HTTP %d from worker %s, %r" % (resp.status, resp.getheader("X-Worker"), body[:40]))
+        except (OSError, http.client.HTTPException) as e:
+            checks("request half sent before the dump completes after the restore", False,
+                   "%s: %s" % (type(e).__name__, e))
         half.close()
         for name, ok, detail in check_files(port, ngx.files):
             checks("serves %s after the restore" % name, ok, detail)

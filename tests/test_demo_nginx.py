@@ -65,7 +65,7 @@ def test_nginx_tree_full_cycle(reaper):  # noqa: F811
     for row in ("  load only ", "  ckpt dump --leave-running --verify ", "  ckpt dump (kill) ", "  ckpt restore ",
                 "  clients' view: dump + restore ", "  new wrk run after the restore "):
         assert row in out, "no %r row in the demo's tables:\n%s" % (row, out[-6000:])
-    for check in ("image holds the master and its 2 workers", "restored with the same PIDs",
+    for check in ("the dump took the master and its 2 workers", "restored with the same PIDs",
                   "request half sent before the dump completes after the restore",
                   "stub_status counter went on and is shared by the restored workers",
                   "wrk running through the kill and restore: no error",
