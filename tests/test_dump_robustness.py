@@ -326,8 +326,11 @@ def test_refuses_to_kill_its_own_parent_or_ancestors(tmp_path):
     line = one_line_error(se)
     assert "process %d (sh) is an ancestor of ckpt (2 levels up)" % outer in line, line
     assert os.listdir(out) == []
-    # with --leave-running its own parent is dumped, and goes on
+    # with --leave-running its own parent is dumped, and goes on: alone (--single; ckpt, its
+    # child, is left out), since ckpt cannot be part of the tree it dumps
     rc, so, se = _sh('"$PY" -m ckpt dump $$ -o "$1" --leave-running --verify --json; echo "rc=$?"', img)
+    assert "rc=1" in so and "ckpt itself runs as a descendant of process" in se, (so, se)
+    rc, so, se = _sh('"$PY" -m ckpt dump $$ -o "$1" --single --leave-running --verify --json; echo "rc=$?"', img)
     assert so.rstrip().endswith("rc=0"), (so, se)
     assert json.loads(so.splitlines()[0])["verified"] is True
     assert os.listdir(out) == ["image"]

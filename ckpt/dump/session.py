@@ -21,7 +21,7 @@ from typing import Callable, Optional
 from ckpt import __version__
 from ckpt.dump import copy as copymod
 from ckpt.dump import tree
-from ckpt.dump.freeze import O_CLOEXEC, O_NONBLOCK, Freezer, check_target, steal_uffd
+from ckpt.dump.freeze import O_CLOEXEC, O_NONBLOCK, Freezer, check_target, steal_uffd, stop_timeout
 from ckpt.dump.tracker import AsyncTracker, NoTracker, SyncTracker
 from ckpt.dump.verify import verify_frozen
 from ckpt import files
@@ -261,13 +261,16 @@ class Dump:
 
     def _run(self, maps):
         self._discover()
-        for pid in self.members:
-            refuse_namespaces(pid)
-            files.refuse_untrackable(pid, maps if pid == self.pid else procfs.read_maps(pid))
-        # every fd described while the target runs; one restore could not rebuild fails the
-        # dump up front
-        for m in self.members.values():
-            m.described = files.check(m.pid)
+        tree_pids = list(self.members)
+
+        def refuse(m):
+            refuse_namespaces(m.pid)
+            files.refuse_untrackable(m.pid, maps if m.pid == self.pid else procfs.read_maps(m.pid))
+            # every fd described while the target runs; one restore could not rebuild fails
+            # the dump up front
+            m.fdctx.tree = tree_pids
+            m.described = files.check(m.pid, tree_pids)
+        self._live(refuse)
         self.mode = self._choose_mode()
         out_dir = os.path.dirname(os.path.abspath(self.opts.output))
         try:
@@ -275,8 +278,7 @@ class Dump:
         except OSError as e:
             raise CkptError("cannot create the image in %s: %s" % (out_dir, e.strerror)) from None
         try:
-            for m in list(self.members.values()):
-                self._start(m, maps if m.pid == self.pid else None)
+            self._live(lambda m: self._start(m, maps if m.pid == self.pid else None))
             if self.mode != "stop-the-world":
                 # buffers for the frozen phase's copy, touched before anything starts: touching
                 # fresh memory costs ~3 us a page here, and done later it would lengthen the
@@ -405,7 +407,7 @@ class Dump:
         for m in pending:
             m.freezer.preseize()
         first = time.perf_counter()
-        while pending:
+        while True:
             for m in pending:
                 m.freezer.interrupt_all()
             for m in pending:
@@ -417,22 +419,21 @@ class Dump:
                     self._drop(m)
             if self.opts.single:
                 break
-            pending = []
-            self.zombies = []
-            for info in tree.descendants(self.pid):
-                if info["state"] in ("Z", "X"):
-                    self.zombies.append(info)
-                elif info["pid"] not in self.members and info["ppid"] in self.members and _joins(info["pid"]):
-                    m = Member(info["pid"], self, late=True)
-                    self._start(m)
-                    refuse_namespaces(m.pid)
-                    m.described = files.check(m.pid)
-                    m.freezer.preseize()
-                    self.members[m.pid] = m
-                    pending.append(m)
+            pending, unsettled = self._newcomers()
+            if pending:
+                continue
+            if not unsettled:
+                break
+            if time.perf_counter() - first > stop_timeout():
+                raise TargetError("a process of the tree of %d does not finish exiting; dump abandoned, "
+                                  "the processes are left as they were" % self.pid)
+            time.sleep(0.0005)
         # parents before children, as restore creates them
-        order = [self.pid] + [i["pid"] for i in tree.descendants(self.pid) if i["pid"] in self.members]
+        order = [self.pid] + [i["pid"] for i in tree.descendants(self.pid, self.opts.single)
+                              if i["pid"] in self.members]
         self.members = {p: self.members[p] for p in order if p in self.members}
+        for m in self.members.values():
+            m.fdctx.tree = list(self.members)
         tree.check_links(self.pid, [procfs.links(p) for p in self.members] + self.zombies)
         self.t_first_interrupt = first
         for m in self.members.values():
@@ -468,6 +469,7 @@ class Dump:
         shm = tree.SharedMemory(self.writer)
         for m in self.members.values():
             shm.add(m.pid, m.maps)
+            shm.add_fds(m.pid, tables[m.pid])
         pages += shm.copy({p: m.copier for p, m in self.members.items()})
         mark("final_copy")
         self.result["freeze_breakdown_ms"] = {k: round(v * 1000, 3) for k, v in marks}
@@ -485,11 +487,16 @@ class Dump:
             self.writer.add_meta("mappings", [v.to_json() for v in maps])
             self.writer.add_meta("fds", tables[self.pid])
             self.writer.add_meta("tree", tree.record(self.pid, self.members, self.zombies, tables, shm))
+            # records the kinds add (the network lock): the target's under their name, and
+            # when several processes add one, all of them under name + "s" too
             meta = {}
             for m in self.members.values():
-                meta.update(m.fdctx.meta)
-            for name, value in meta.items():
-                self.writer.add_meta(name, value)
+                for name, value in m.fdctx.meta.items():
+                    meta.setdefault(name, []).append(value)
+            for name, values in meta.items():
+                self.writer.add_meta(name, values[0])
+                if len(values) > 1:
+                    self.writer.add_meta(name + "s", values)
             self.writer.add_meta("dump", {"mode": self.mode, "rounds": self.rounds, "pid": self.pid,
                                           "leave_running": self.opts.leave_running,
                                           "verified": self.opts.verify,
@@ -535,6 +542,38 @@ class Dump:
         live_pages = sum(r["pages"] for r in live)
         live_s = sum(r["ms"] for r in live) / 1000
         self.result["live_copy_gbps"] = round(live_pages * PAGE_SIZE / live_s / 1e9, 3) if live_s else None
+
+    def _newcomers(self):
+        """In the freeze: descendants not held yet (forked before their parent stopped) join,
+        seized; zombies are listed. Returns (new members, whether a process is still exiting:
+        a zombie in a moment, since its parent is frozen and cannot reap it, or gone if its
+        parent ignores SIGCHLD)."""
+        pending, unsettled = [], False
+        self.zombies = []
+        for info in tree.descendants(self.pid):
+            if info["state"] == "Z":
+                self.zombies.append(info)
+            elif info["pid"] in self.members or info["ppid"] not in self.members:
+                continue
+            elif info["state"] == "X" or not _joins(info["pid"]):
+                unsettled = unsettled or procfs.exists(info["pid"])
+            else:
+                m = Member(info["pid"], self, late=True)
+                try:
+                    self._start(m)
+                    refuse_namespaces(m.pid)
+                    m.described = files.check(m.pid, list(self.members) + [m.pid])
+                    m.freezer.preseize()
+                except Exception as e:
+                    # forked and gone before it could be stopped: it leaves no trace
+                    if not (isinstance(e, TargetGone) or _exited(m.pid)):
+                        raise
+                    self._drop(m)
+                    unsettled = unsettled or procfs.exists(m.pid)
+                    continue
+                self.members[m.pid] = m
+                pending.append(m)
+        return pending, unsettled
 
     def _capture_state(self, m):
         """Thread and process state of a frozen member, through injected syscalls (which borrow,

@@ -6,9 +6,10 @@ a process's session is its own or its parent's, and its group one of the tree's 
 the target itself is in), what a dump of the target alone (--single) would cut, and the
 shared memory of the tree, copied once per object whichever processes map it.
 """
+import errno
 import os
 
-from ckpt.dump.copy import merge_ranges, shmem_runs
+from ckpt.dump.copy import emit_pages, merge_ranges, shmem_runs
 from ckpt.errors import TargetError
 from ckpt.kernel import procfs
 from ckpt.kernel.native import PAGE_SIZE
@@ -145,14 +146,26 @@ class SharedMemory:
         self.writer = writer
         self.objects = {}       # (dev, inode) -> {"space", "size", "path", "maps": [(pid, vma)]}
 
+    def _object(self, dev, inode, path):
+        return self.objects.setdefault((dev, inode), {"space": SHM_SPACE | len(self.objects), "size": 0,
+                                                      "path": path, "maps": [], "fds": [], "seals": 0})
+
     def add(self, pid, maps):
         for v in maps:
             if v.kind != "shmem":
                 continue
-            obj = self.objects.setdefault((v.dev, v.inode), {"space": SHM_SPACE | len(self.objects), "size": 0,
-                                                             "path": v.path, "maps": []})
+            obj = self._object(v.dev, v.inode, v.path)
             obj["size"] = max(obj["size"], v.offset + v.size)
             obj["maps"].append((pid, v))
+
+    def add_fds(self, pid, table):
+        """Memory files the process holds by fd (memfd entries: ckpt/files/memfd.py)."""
+        for e in table:
+            if e["kind"] == "memfd" and "shares" not in e and "shares_with" not in e:
+                obj = self._object(e["dev"], e["inode"], e["path"])
+                obj["size"] = max(obj["size"], e["size"])
+                obj["seals"] = e.get("seals", 0)
+                obj["fds"].append((pid, e["fd"]))
 
     def space_of(self, dev, inode):
         return self.objects[(dev, inode)]["space"]
@@ -161,6 +174,9 @@ class SharedMemory:
         """Copy every object's data once; returns the pages copied."""
         pages = 0
         for obj in self.objects.values():
+            if obj["fds"]:
+                pages += self._copy_file(obj, *obj["fds"][0])
+                continue
             covered = []
             for pid, v in obj["maps"]:
                 data = shmem_runs(pid, v)
@@ -175,10 +191,58 @@ class SharedMemory:
                                                space=obj["space"], shift=shift)
         return pages
 
+    def _copy_file(self, obj, pid, fd):
+        """An object a process holds an fd of: all its data, read through the fd (its size may
+        exceed what any mapping shows)."""
+        f = os.open("/proc/%d/fd/%d" % (pid, fd), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            pages = 0
+            size = obj["size"]
+            self.writer.set_space(obj["space"])
+            for lo, hi in data_ranges(f, size):
+                for off in range(lo, hi, COPY_CHUNK):
+                    n = min(COPY_CHUNK, hi - off)
+                    data = os.pread(f, n, off)
+                    data += bytes(-len(data) % PAGE_SIZE)
+                    emit_pages(self.writer, off, memoryview(data))
+                    pages += len(data) // PAGE_SIZE
+            return pages
+        finally:
+            os.close(f)
+
     def record(self):
-        return [{"space": o["space"], "dev": dev, "inode": ino, "size": o["size"], "path": o["path"],
-                 "pids": sorted({p for p, _ in o["maps"]})}
-                for (dev, ino), o in self.objects.items()]
+        out = []
+        for (dev, ino), o in self.objects.items():
+            rec = {"space": o["space"], "dev": dev, "inode": ino, "size": o["size"], "path": o["path"],
+                   "pids": sorted({p for p, _ in o["maps"]} | {p for p, _ in o["fds"]})}
+            if o["path"].startswith("/memfd:"):
+                rec["name"] = o["path"][len("/memfd:"):].rsplit(" (deleted)", 1)[0]
+                rec["seals"] = o["seals"]
+            out.append(rec)
+        return out
+
+
+COPY_CHUNK = 8 << 20
+
+
+def data_ranges(fd, size):
+    """The page-aligned [lo, hi) ranges of a shared memory file up to size that hold data
+    (SEEK_DATA/SEEK_HOLE); all of it when the file system does not tell."""
+    out, pos = [], 0
+    try:
+        while pos < size:
+            lo = os.lseek(fd, pos, os.SEEK_DATA)
+            if lo >= size:
+                break
+            hi = min(size, os.lseek(fd, lo, os.SEEK_HOLE))
+            lo -= lo % PAGE_SIZE
+            out.append((lo, hi))
+            pos = hi
+    except OSError as e:
+        if e.errno == errno.ENXIO:      # no data past pos
+            return out
+        return [(0, size)]
+    return out
 
 
 def _subtract(rng, covered):

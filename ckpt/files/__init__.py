@@ -26,7 +26,8 @@ from ckpt.files.unix import UnixSocket
 from ckpt.files import inet, tcp
 from ckpt.files import epoll, eventfd, signalfd, timerfd
 from ckpt.files.regular import CharDevice, Directory, RegularFile
-from ckpt.files.unsupported import AnonInode, Memfd, OtherSocket
+from ckpt.files.memfd import Memfd
+from ckpt.files.unsupported import AnonInode, OtherSocket
 from ckpt.kernel import procfs, sysno
 from ckpt.kernel.native import ffi, lib
 
@@ -149,11 +150,11 @@ def _entry(f, described):
     return kind, entry
 
 
-def check(pid):
+def check(pid, tree=None):
     """Before the dump, while the target runs: describe every fd, refusing (TargetError, naming
     the fd and its kind) what restore could not rebuild. Returns the descriptions, for
-    `capture` to reuse."""
-    ctx = FreezeContext(pid)
+    `capture` to reuse. tree: the PIDs of the dumped tree (FreezeContext.tree)."""
+    ctx = FreezeContext(pid, tree=tree)
     try:
         return {_key(f): _entry(f, None)[1] for f in _open_fds(pid, ctx)}
     finally:
@@ -241,7 +242,7 @@ def restore_fds(remote, table_entries, options=None, paths=None, tree=None):
         remote.call(sysno.dup2, fd, n, what="dup2 onto fd %d" % n)
         remote.call(sysno.fcntl, n, F_SETFL, e["flags"] & ~(O_ACCMODE | O_CLOEXEC), what="fcntl(F_SETFL) of fd %d" % n)
         remote.call(sysno.fcntl, n, F_SETFD, 1 if e["flags"] & O_CLOEXEC else 0, what="fcntl(F_SETFD) of fd %d" % n)
-        if e["kind"] == "file" and e["pos"] and not e.get("inherit"):
+        if e["kind"] in ("file", "memfd") and e["pos"] and not e.get("inherit"):
             remote.call(sysno.lseek, n, e["pos"], 0, what="lseek of fd %d" % n)
     for fd in set(table.parked):
         remote.call(sysno.close, fd, ok_errors=(9,))

@@ -142,9 +142,12 @@ class OpenFd:
 class FreezeContext:
     """Per dump: duplicates of the target's fds, and what to do when the dump ends."""
 
-    def __init__(self, pid, leave_running=False):
+    def __init__(self, pid, leave_running=False, tree=None):
         self.pid = pid
         self.leave_running = leave_running
+        # the PIDs of the processes dumped together (a tree, parents first; this one alone
+        # with --single): an fd whose other end one of them holds is not leading out
+        self.tree = tree if tree is not None else [pid]
         self.meta = {}          # image records kinds add: name -> JSON value
         self.memo = {}          # per-dump scratch for kinds that work on groups of fds
         self._pidfd = None
@@ -232,8 +235,9 @@ class TreeObjects:
     restored later take the very same object. Also how ckpt reaches the fds of processes
     already restored (their pidfds). One per restore; closed at its end."""
 
-    def __init__(self, several=False):
+    def __init__(self, several=False, tables=None):
         self.several = several  # more than one process: objects are kept for the others
+        self.tables = tables or {}      # pid -> its image fd table, every process of the tree
         self.objects = {}       # key -> tuple of ckpt-local fds
         self.pidfds = {}
 

@@ -251,7 +251,9 @@ class TcpConnection(FdKind):
 
     @classmethod
     def restored(cls, metas, ok):
-        netlock.lift_record(metas.get("netlock"))
+        # one lock per process of a tree (netlocks); the target's alone in older images
+        for record in metas.get("netlocks") or [metas.get("netlock")]:
+            netlock.lift_record(record)
 
 
 def _state_problem(state):

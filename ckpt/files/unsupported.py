@@ -3,14 +3,6 @@ naming the fd and its kind. (Sockets leading out as fd 0-2 are attached to ckpt'
 from ckpt.files.base import FdKind
 
 
-class Memfd(FdKind):
-    name = "memfd"
-
-    @staticmethod
-    def match(f):
-        return f.link.startswith("/memfd:")
-
-
 class OtherSocket(FdKind):
     """A socket of a family no module handles."""
     name = "socket"

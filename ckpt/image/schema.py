@@ -262,7 +262,8 @@ TREE = Dict({
     "zombies": List(Dict({"pid": A_PID, "ppid": A_PID, "pgid": Int(0, PID[1]), "sid": Int(0, PID[1]),
                           "exit_code": Int(0, 0xFFFF, "a wait status (0..0xffff)")}, {"comm": Str(maxlen=256)})),
     "shm": List(Dict({"space": Int(*U64), "dev": Str(maxlen=32), "inode": Int(*U64), "size": Int(0, 1 << 47)},
-                     {"path": Str(maxlen=PATH_MAX), "pids": List(A_PID)})),
+                     {"path": Str(maxlen=PATH_MAX), "pids": List(A_PID), "name": Str(maxlen=256),
+                      "seals": Int(0, 0xFFFF)})),
 })
 
 RECORDS = {
@@ -273,6 +274,7 @@ RECORDS = {
     "tree": TREE,
     "dump": DUMP,
     "netlock": NETLOCK,
+    "netlocks": List(NETLOCK),
 }
 
 

@@ -12,6 +12,7 @@
 """
 import base64
 import errno
+import fcntl
 import os
 import struct
 import time
@@ -34,6 +35,7 @@ PROT = {"r": 1, "w": 2, "x": 4}
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
 MAP_GROWSDOWN, MAP_NORESERVE, MAP_FIXED_NOREPLACE = 0x100, 0x4000, 0x100000
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+F_ADD_SEALS = 1033
 O_RDONLY, O_RDWR = 0, 2
 PR_SET_PDEATHSIG = 1
 PTRACE_SETOPTIONS = 0x4200
@@ -157,17 +159,21 @@ class Plan:
         if self.shm_records is None:
             return
         for rec in self.shm_records:
-            fd = os.memfd_create("ckpt-shmem", os.MFD_CLOEXEC)
+            # a memfd keeps its name (as /proc shows it: "memfd:NAME") and its seals
+            fd = os.memfd_create(rec.get("name", "ckpt-shmem"), os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             self.shm[(rec["dev"], rec["inode"])] = fd
-            os.ftruncate(fd, rec["size"])
+            size = rec["size"]
+            os.ftruncate(fd, size)
             for x in self.reader.extents(rec["space"]):
-                if x[1] > rec["size"]:
+                if x[0] >= size or x[1] > size + PAGE_SIZE:
                     raise ImageError("%s: shared memory %s: pages past its size" % (self.reader.path, rec["path"]))
-                data = self.reader.extent_bytes(x, x[0], x[1], check=False)
+                data = self.reader.extent_bytes(x, x[0], min(x[1], size), check=False)
                 if data is not None:
                     off = 0
                     while off < len(data):
                         off += os.pwrite(fd, data[off:], x[0] + off)
+            if rec.get("seals"):
+                fcntl.fcntl(fd, F_ADD_SEALS, rec["seals"])
 
     def close(self):
         for pp in self.members:
@@ -258,11 +264,20 @@ def _free_gap(busy, size, floor=0x100000000):
     raise RestoreError("no free address range of %d bytes for the restorer" % size)
 
 
+def pid_taken(pid):
+    """Why clone3 could not have PID pid: a process has it, or (no such process) a process
+    group or session of that number still has members."""
+    if os.path.exists("/proc/%d" % pid):
+        return "PID %d is in use (by %s); the process must get its original PID back" % (pid, procfs.comm(pid) or "?")
+    return ("PID %d is still in use as a process group or session ID (a process of the dumped process's group "
+            "or session is still there); the process must get its original PID back" % pid)
+
+
 def _spawn(pid):
     r = lib.ck_spawn_stopped(pid)
     if r < 0:
         if -r == errno.EEXIST:
-            raise RestoreError("PID %d is in use; the process must get its original PID back" % pid)
+            raise RestoreError(pid_taken(pid))
         if -r == errno.EPERM:
             raise RestoreError("not allowed to choose PID %d (clone3 set_tid needs root)" % pid)
         raise RestoreError("clone3 for PID %d: %s" % (pid, os.strerror(-r)))

@@ -23,7 +23,7 @@ from ckpt.errors import RestoreError
 from ckpt.files.base import TreeObjects
 from ckpt.kernel import procfs, sysno
 from ckpt.kernel.ptrace import Tracee, _call, find_syscall_insn
-from ckpt.restore.build import Builder, _spawn
+from ckpt.restore.build import Builder, _spawn, pid_taken
 from ckpt.restore.remote import SCRATCH_SIZE, Remote
 
 PTRACE_SETOPTIONS = 0x4200
@@ -39,7 +39,7 @@ class TreeRestore:
         self.plan = plan
         self.opts = opts
         self.remotes = {}       # pid -> Remote, in creation order (zombies too)
-        self.tree = TreeObjects(several=len(plan.members) > 1)
+        self.tree = TreeObjects(several=len(plan.members) > 1, tables={pp.pid: pp.fds for pp in plan.members})
         self.links = {pp.pid: pp.proc for pp in plan.members}
         for z in plan.zombies:
             self.links[z["pid"]] = z
@@ -53,6 +53,8 @@ class TreeRestore:
             self._groups()
             self._zombies_exit()
             self.plan.shared_memory()
+            for key, fd in self.plan.shm.items():       # for the memfd fds (ckpt/files/memfd.py)
+                self.tree.objects[("shm",) + key] = (os.dup(fd),)
             for pp in self.plan.members:
                 b = Builder(self.plan, pp, self.opts, self.remotes[pp.pid], self.tree)
                 b.build()
@@ -110,7 +112,7 @@ class TreeRestore:
         got = parent.call(sysno.clone3, args, 88, what="creating process %d in process %d (clone3 set_tid)"
                           % (pid, ppid), ok_errors=(errno.EEXIST,))
         if got == -errno.EEXIST:
-            raise RestoreError("PID %d is in use; the process must get its original PID back" % pid)
+            raise RestoreError(pid_taken(pid))
         t = Tracee(pid)
         if not t.wait_stop():
             raise RestoreError("process %d vanished right after its creation" % pid)
