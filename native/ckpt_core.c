@@ -597,3 +597,55 @@ int64_t ck_pipe_peek(int src_fd, uint8_t *dst, int64_t cap)
 	close(p[1]);
 	return total;
 }
+
+/* --------------------------------------------- pages a child shares with its parent */
+
+/*
+ * The pages of [start, end) that process `child` and process `parent` both map to the same
+ * physical page (copy-on-write since a fork, neither side has written it since): both present
+ * in /proc/PID/pagemap with the same page frame number (root only: others read PFN 0, and
+ * nothing is found). Writes merged runs as (start, end) pairs into out (at most cap runs);
+ * returns the number of runs, or -errno. One call per mapping; pagemap read in 512-page batches.
+ */
+#define CK_PM_BATCH 512
+#define CK_PM_PRESENT (1ULL << 63)
+#define CK_PM_PFN ((1ULL << 55) - 1)
+
+int64_t ck_cow_shared(int child_pm, int parent_pm, uint64_t start, uint64_t end, uint64_t *out, int64_t cap)
+{
+	uint64_t a[CK_PM_BATCH], b[CK_PM_BATCH];
+	int64_t n = 0;
+	uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+	for (uint64_t addr = start; addr < end;) {
+		uint64_t count = (end - addr) / page;
+		if (count > CK_PM_BATCH)
+			count = CK_PM_BATCH;
+		off_t off = (off_t)(addr / page * 8);
+		ssize_t ra = pread(child_pm, a, count * 8, off);
+		ssize_t rb = pread(parent_pm, b, count * 8, off);
+		if (ra < 0 || rb < 0)
+			return -errno;
+		uint64_t got = (uint64_t)(ra < rb ? ra : rb) / 8;
+		if (got == 0)
+			break;
+		for (uint64_t i = 0; i < got; i++) {
+			uint64_t x = a[i], y = b[i];
+			int same = (x & CK_PM_PRESENT) && (y & CK_PM_PRESENT) && (x & CK_PM_PFN) &&
+				   (x & CK_PM_PFN) == (y & CK_PM_PFN);
+			if (!same)
+				continue;
+			uint64_t p = addr + i * page;
+			if (n > 0 && out[2 * n - 1] == p) {
+				out[2 * n - 1] = p + page;
+			} else {
+				if (n == cap)
+					return n;
+				out[2 * n] = p;
+				out[2 * n + 1] = p + page;
+				n++;
+			}
+		}
+		addr += got * page;
+	}
+	return n;
+}

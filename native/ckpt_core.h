@@ -42,3 +42,4 @@ int64_t ck_tracker_pending(struct ck_tracker *t);
 int64_t ck_tracker_faults(struct ck_tracker *t);
 int ck_tracker_error(struct ck_tracker *t);
 void ck_tracker_stop(struct ck_tracker *t);
+int64_t ck_cow_shared(int child_pm, int parent_pm, uint64_t start, uint64_t end, uint64_t *out, int64_t cap);

@@ -9,7 +9,8 @@ import time
 
 from restore_support import (WAIT, alive, dump, image_meta, procs, read_lines, reap_killed, reference,  # noqa: F401
                              restore_ok, rs_built, run_ckpt, subreaper, wait_file_line, wait_gone)
-from ckpt.kernel import procfs
+from ckpt.dump import tree as tree_mod
+from ckpt.kernel import pagemap, procfs
 
 # family MIB STEPS EVERY GATE LOG ZOMBIE_AT
 STEPS, EVERY, GATE, ZOMBIE_AT = 40000, 500, 30000, 35000
@@ -79,6 +80,23 @@ def test_family_dumped_whole_and_restored(procs, tmp_path):
     wait_file_line(out, lambda s: s == "step %d hash" % (GATE - EVERY) or s.startswith("step %d " % (GATE - EVERY)))
     after = {pid: _links(pid) for pid in tree + zombie}
     assert after == before
+    # what the children shared with their parent (copy-on-write) at the dump, they share again:
+    # the same physical pages, not copies
+    image_tree = image_meta(tmp_path / "tree.img")["tree"]
+    for proc in image_tree["processes"]:
+        cow = [tuple(r) for r in proc.get("cow", [])]
+        assert sum(e - s for s, e in cow) // 4096 > 100, proc["pid"]
+        shared = tree_mod.cow_ranges(proc["pid"], procfs.read_maps(proc["pid"]), p.pid, procfs.read_maps(p.pid))
+        pm = pagemap.Pagemap(proc["pid"])
+        try:    # every page of those ranges the child has in memory is its parent's very page
+            present = [(s, e) for s, e, _ in pm.scan(cow, anyof=pagemap.PRESENT, ret_mask=pagemap.PRESENT)]
+        finally:
+            pm.close()
+        own = tree_mod.subtract_runs([(s, e - s) for s, e in present], shared)
+        # (a few it has written since it runs again are its own by now: its stack, libc's data)
+        n_present = sum(e - s for s, e in present) // 4096
+        n_own = sum(n for _, n in own) // 4096
+        assert n_present > 50 and n_own * 4 < n_present, (proc["pid"], n_present, n_own)
     os.kill(p.pid, signal.SIGUSR2)
     wait_file_line(out, lambda s: s.startswith("done "))
     got = read_lines(out)

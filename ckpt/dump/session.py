@@ -301,8 +301,8 @@ class Dump:
     def _start(self, m, maps=None):
         try:
             m.insn = find_syscall_insn(m.pid, maps if maps is not None else procfs.read_maps(m.pid))
-        except CkptError:
-            if m.pid == self.pid:
+        except (CkptError, OSError):
+            if m.pid == self.pid or not _exited_or_exiting(m.pid):
                 raise
             raise TargetGone("process %d exited" % m.pid) from None
         m.copier = copymod.Copier(m.pid, self.writer)
@@ -463,9 +463,23 @@ class Dump:
         # resume first when nothing more must be checked while frozen; a killed target dies only
         # once its image is safely in place
         early = self.opts.leave_running and not self.opts.verify
+        # pages children still share with their parents (copy-on-write): restored shared, and
+        # not copied again for processes that appeared during the dump (copied whole)
+        cow = {}
+        for m in list(self.members.values())[1:]:
+            ppid = m.records[0]["ppid"]
+            if ppid in self.members:
+                cow[m.pid] = tree.cow_ranges(m.pid, m.maps, ppid, self.members[ppid].maps)
+        scans = [(m, self._final_scan(m, cow.get(m.pid))) for m in self.members.values()]
+        mark("final_scan")
         pages = 0
-        for m in self.members.values():
-            pages += self._final_copy(m, early)
+        for m, (runs, stale_zero) in scans:
+            # zero records first: the final copy supersedes them where they meet
+            m.copier.zero(stale_zero)
+            # the final copy is kept in memory (as far as the buffers prepared for it go) only
+            # when the target resumes before the image is written; else it streams into the image
+            sink = m.final if (early and self.mode != "stop-the-world") else None
+            pages += m.copier.copy(runs, sink=sink, scatter=True)
         shm = tree.SharedMemory(self.writer)
         for m in self.members.values():
             shm.add(m.pid, m.maps)
@@ -486,7 +500,7 @@ class Dump:
             self.writer.add_meta("threads", thread_state)
             self.writer.add_meta("mappings", [v.to_json() for v in maps])
             self.writer.add_meta("fds", tables[self.pid])
-            self.writer.add_meta("tree", tree.record(self.pid, self.members, self.zombies, tables, shm))
+            self.writer.add_meta("tree", tree.record(self.pid, self.members, self.zombies, tables, shm, cow))
             # records the kinds add (the network lock): the target's under their name, and
             # when several processes add one, all of them under name + "s" too
             meta = {}
@@ -514,7 +528,8 @@ class Dump:
                 n = 0
                 spaces = {key: o["space"] for key, o in shm.objects.items()}
                 for m in self.members.values():
-                    n += verify_frozen(m.pid, m.maps, reader, spaces)
+                    inherit = (m.records[0]["ppid"], cow[m.pid]) if cow.get(m.pid) else None
+                    n += verify_frozen(m.pid, m.maps, reader, spaces, inherit)
                 self.result["pages_verified"] = n
             verified = True
         if not early:
@@ -589,9 +604,9 @@ class Dump:
             process_state[name + "_file"] = _dir_identity(m.pid, name)
         m.records = [process_state, thread_state, None]
 
-    def _final_copy(self, m, early):
-        """The final scan and copy of one member's private memory (shared memory is copied
-        once for the whole tree: tree.SharedMemory)."""
+    def _final_scan(self, m, cow=None):
+        """What the final copy of one member's private memory takes (shared memory is copied
+        once for the whole tree: tree.SharedMemory): (runs to copy, runs to record as zero)."""
         maps = m.maps
         m.records[2] = maps
         cov = m.coverage()
@@ -613,12 +628,10 @@ class Dump:
             dropped_zero, dropped_file = m.copier.stale(tracked, present + runs)
             stale_zero += dropped_zero
             runs += dropped_file
-        # zero records first: the final copy supersedes them where they meet
-        m.copier.zero(stale_zero)
-        # the final copy is kept in memory (as far as the buffers prepared for it go) only when
-        # the target resumes before the image is written; else it streams straight into the image
-        sink = m.final if (early and self.mode != "stop-the-world") else None
-        return m.copier.copy(runs, sink=sink, scatter=True)
+        if cow and m.late:
+            # copied whole: what it shares with its parent is the parent's (see tree.cow_ranges)
+            runs = tree.subtract_runs(runs, cow)
+        return runs, stale_zero
 
     def _release(self):
         """End the freeze: resume every process (protection lifted, uffd closed) or kill them."""
@@ -676,6 +689,14 @@ def _joins(pid):
         if running:
             raise
         return False
+
+
+def _exited_or_exiting(pid):
+    """Gone, a zombie, or with its memory already released (exiting)."""
+    try:
+        return _exited(pid) or not procfs.read_maps(pid)
+    except (CkptError, OSError):
+        return True
 
 
 def _exited(pid):

@@ -12,7 +12,7 @@ import os
 from ckpt.dump.copy import emit_pages, merge_ranges, shmem_runs
 from ckpt.errors import TargetError
 from ckpt.kernel import procfs
-from ckpt.kernel.native import PAGE_SIZE
+from ckpt.kernel.native import PAGE_SIZE, ffi, lib
 
 # address spaces of shared memory objects in the image (SPACE records): this bit, then the index
 SHM_SPACE = 1 << 62
@@ -262,7 +262,53 @@ def _subtract(rng, covered):
     return [(s, e) for s, e in out if e > s]
 
 
-def record(root, members, zombies, tables, shm):
+def _same_mapping(a, b):
+    return (a.start, a.end, a.perms, a.offset, a.kind, a.inode, a.dev) == (b.start, b.end, b.perms, b.offset, b.kind,
+                                                                           b.inode, b.dev)
+
+
+def cow_ranges(child, child_maps, parent, parent_maps):
+    """The pages a child still shares with its parent since a fork (copy-on-write, written by
+    neither since): [(start, end)] within the private mappings both have identically. Restore
+    forks the child from its rebuilt parent, so they come back shared, neither copied nor
+    written twice. Found by page frame number (ck_cow_shared: root only; [] otherwise)."""
+    by_start = {v.start: v for v in parent_maps if v.kind in ("anon", "file-private") and not v.deleted}
+    pairs = [(v.start, v.end) for v in child_maps
+             if v.start in by_start and not v.deleted and _same_mapping(v, by_start[v.start])]
+    if not pairs:
+        return []
+    out = []
+    fa = os.open("/proc/%d/pagemap" % child, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fb = os.open("/proc/%d/pagemap" % parent, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for start, end in pairs:
+                cap = (end - start) // PAGE_SIZE // 2 + 1
+                buf = ffi.new("uint64_t[]", 2 * cap)
+                n = lib.ck_cow_shared(fa, fb, start, end, buf, cap)
+                if n < 0:
+                    return []
+                flat = ffi.unpack(buf, 2 * n)
+                out += list(zip(flat[0::2], flat[1::2]))
+        finally:
+            os.close(fb)
+    finally:
+        os.close(fa)
+    return out
+
+
+def subtract_runs(runs, ranges):
+    """(addr, length) runs minus sorted (start, end) ranges."""
+    if not ranges:
+        return runs
+    out = []
+    merged = merge_ranges(ranges)
+    for a, n in runs:
+        out += [(s, e - s) for s, e in _subtract((a, a + n), merged)]
+    return out
+
+
+def record(root, members, zombies, tables, shm, cow=None):
     """The image's "tree" record: every process but the target (whose records are the image's
     top-level ones), parents first, zombies with the status they leave, shared memory."""
     procs = []
@@ -270,8 +316,11 @@ def record(root, members, zombies, tables, shm):
         if pid == root:
             continue
         process_state, thread_state, maps = m.records
-        procs.append({"pid": pid, "process": process_state, "threads": thread_state,
-                      "mappings": [v.to_json() for v in maps], "fds": tables[pid]})
+        entry = {"pid": pid, "process": process_state, "threads": thread_state,
+                 "mappings": [v.to_json() for v in maps], "fds": tables[pid]}
+        if cow and cow.get(pid):
+            entry["cow"] = [list(r) for r in merge_ranges(cow[pid])]
+        procs.append(entry)
     return {"root": root, "processes": procs,
             "zombies": [{k: z[k] for k in ("pid", "ppid", "pgid", "sid", "exit_code", "comm")} for z in zombies],
             "shm": shm.record()}

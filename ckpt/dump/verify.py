@@ -63,11 +63,37 @@ class _Expected:
             i += 1
 
 
-def verify_frozen(pid, maps, reader, shm=None):
+class _Inherited(_Expected):
+    """A child's expected content where it shares pages with its parent (copy-on-write, see
+    ckpt/dump/tree.cow_ranges): the parent's, as restore gives them to it."""
+
+    def __init__(self, pid, reader, parent, ranges):
+        super().__init__(pid, reader)
+        self.parent = _Expected(parent, reader)
+        self.ranges = merge_ranges(ranges)
+        self.rstarts = [r[0] for r in self.ranges]
+
+    def fill(self, vma, start, end, out, file_fd):
+        super().fill(vma, start, end, out, file_fd)
+        i = max(0, bisect.bisect_right(self.rstarts, start) - 1)
+        while i < len(self.ranges) and self.ranges[i][0] < end:
+            lo, hi = max(self.ranges[i][0], start), min(self.ranges[i][1], end)
+            if lo < hi:
+                part = bytearray(hi - lo)
+                self.parent.fill(vma, lo, hi, part, file_fd)
+                out[lo - start:hi - start] = part
+            i += 1
+
+    def image_runs(self, start, end):
+        return [tuple(r) for r in merge_ranges(super().image_runs(start, end) + self.parent.image_runs(start, end))]
+
+
+def verify_frozen(pid, maps, reader, shm=None, inherit=None):
     """Compare every page of the frozen process with the image. Returns pages compared.
     shm: {(dev, inode): space} of the shared memory objects the image holds apart (a tree's
-    image: tree.SharedMemory)."""
-    own = _Expected(pid, reader)
+    image: tree.SharedMemory). inherit: (parent PID, ranges) where the process's pages are its
+    parent's (copy-on-write)."""
+    own = _Inherited(pid, reader, *inherit) if inherit else _Expected(pid, reader)
     shared = {}
     pm = pagemap.Pagemap(pid)
     mem = MemIO(pid)

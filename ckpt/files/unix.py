@@ -47,7 +47,7 @@ import socket
 import stat
 import struct
 
-from ckpt.errors import RestoreError
+from ckpt.errors import RestoreError, TargetGone
 from ckpt.files.base import AT_FDCWD, FdKind
 from ckpt.kernel import procfs, sockdiag, sysno
 
@@ -135,8 +135,11 @@ class _View:
     """Every unix socket of the namespace (sock_diag) and which ones the target holds: one per
     FreezeContext (the live check has its own; the freeze's is read in the freeze)."""
 
-    def __init__(self, pid):
+    def __init__(self, pid, tree=()):
         self.pid = pid
+        self.tree = [p for p in tree if p != pid]     # the other processes dumped with it
+        self._others = None
+        self._tree_listeners = None
         self.netns = _netns(pid)
         self.other_netns = self.netns != _netns("self")
         self.socks = {} if self.other_netns else sockdiag.unix_sockets()
@@ -177,9 +180,57 @@ class _View:
         fds = self.fds.get(ino)
         return min(fds) if fds else None
 
+    @property
+    def others(self):
+        """socket inode -> [(pid, fd)]: the unix sockets the other processes of the tree hold
+        (read when first needed: a process alone, or one whose peers are all its own, never
+        looks)."""
+        if self._others is None:
+            self._others = {}
+            for pid in self.tree:
+                try:
+                    numbers = procfs.fds(pid)
+                except TargetGone:
+                    continue    # exited meanwhile (live check): the freeze looks again
+                for fd in numbers:
+                    try:
+                        link = os.readlink(procfs.proc(pid, "fd", str(fd)))
+                    except OSError:
+                        continue
+                    if link.startswith("socket:["):
+                        ino = int(link[8:-1])
+                        if ino in self.socks:
+                            self._others.setdefault(ino, []).append((pid, fd))
+        return self._others
+
+    def in_tree(self, ino):
+        """(pid, fd) of another process of the tree holding the socket above its standard
+        streams (restored with the tree), or None."""
+        if not self.tree or ino not in self.socks:
+            return None
+        for pid, fd in self.others.get(ino, ()):
+            if fd > 2:
+                return pid, fd
+        return None
+
+    def kept(self, ino):
+        """Restored with the dump: held by this process or by another of the tree (above the
+        standard streams, which restore attaches to ckpt's own)."""
+        return ino in self.held or self.in_tree(ino) is not None
+
+    def where(self, ino):
+        """Which fd holds the socket, for messages: "fd 5" here, "fd 5 of process 12 (name)" in
+        another process of the tree."""
+        if ino in self.fds:
+            return "fd %d" % self.fd_of(ino)
+        there = self.in_tree(ino) or min(self.others.get(ino, ()) or [(None, None)])
+        if there[0] is None:
+            return "a socket (inode %d)" % ino
+        return "fd %d of process %d (%s)" % (there[1], there[0], procfs.comm(there[0]) or "?")
+
     def peer(self, s):
         """("held", inode) | ("pending", listener inode) | ("outside", UnixSock) | ("dead", None)
-        | None (not connected)."""
+        | None (not connected). "held": by this process or another process of the tree."""
         if s.inode in self.pending_of and s.state == ESTABLISHED:
             return "pending", self.pending_of[s.inode]
         if s.peer is None:
@@ -187,15 +238,36 @@ class _View:
         if s.peer in self.held:
             return "held", s.peer
         if s.peer and s.peer in self.socks:
+            if self.in_tree(s.peer) is not None:
+                return "held", s.peer
             return "outside", self.socks[s.peer]
         return "dead", None
 
     def listener_of(self, s):
-        """The held listener this (accepted) socket got its name from, or None."""
+        """The listener of the process or of the tree this (accepted) socket got its name
+        from, or None."""
         if not s.name:
             return None
         ino = self.by_abstract.get(s.name) if s.abstract else self.by_vfs.get(s.vfs)
+        if ino is None and self.tree:
+            by_abstract, by_vfs = self.tree_listeners()
+            ino = by_abstract.get(s.name) if s.abstract else by_vfs.get(s.vfs)
         return ino if ino != s.inode else None
+
+    def tree_listeners(self):
+        """The named listeners the other processes of the tree hold: (by abstract name, by
+        bound file)."""
+        if self._tree_listeners is None:
+            by_abstract, by_vfs = {}, {}
+            for ino in self.others:
+                s = self.socks[ino]
+                if s.state == LISTEN and s.name and self.in_tree(ino) is not None:
+                    if s.abstract:
+                        by_abstract[s.name] = ino
+                    elif s.vfs:
+                        by_vfs[s.vfs] = ino
+            self._tree_listeners = by_abstract, by_vfs
+        return self._tree_listeners
 
     def bind_role(self, s):
         """How the socket gets its name back: "own" (bind), "accepted" (accept from its
@@ -222,7 +294,7 @@ class _View:
 def _view(f):
     v = f.ctx.memo.get("unix")
     if v is None:
-        v = f.ctx.memo["unix"] = _View(f.pid)
+        v = f.ctx.memo["unix"] = _View(f.pid, f.ctx.tree)
     return v
 
 
@@ -241,6 +313,10 @@ def _held_by(view, ino):
     if ino in view.fds:
         return ("the process's standard stream fd %d, which restore attaches to ckpt's own instead"
                 % view.fd_of(ino))
+    if view.tree and view.others.get(ino):
+        pid, fd = min(view.others[ino])
+        return ("process %d (%s) of the dumped tree as its standard stream fd %d, which restore attaches to "
+                "ckpt's own instead" % (pid, procfs.comm(pid) or "?", fd))
     who = holder(ino)
     return ("held by %s" % who) if who else "held by no process ckpt can see"
 
@@ -275,20 +351,20 @@ def _refusal(view, f):
                 return ("a connection whose client has already closed waits in the accept queue of this listener "
                         "(%s), with whatever it sent, which cannot be read before it is accepted: not supported; "
                         "retry once it is accepted" % s.show_name())
-            if c not in view.held:
+            if not view.kept(c):
                 return ("a connection from outside the process (%s) waits in the accept queue of this listener "
                         "(%s): not supported; retry once it is accepted" % (_held_by(view, c), s.show_name()))
             if view.socks[c].wqueue:
-                return ("fd %d has a connection waiting in the accept queue of this listener (%s) and has already "
+                return ("%s has a connection waiting in the accept queue of this listener (%s) and has already "
                         "sent data on it, which cannot be read before it is accepted: not supported"
-                        % (view.fd_of(c), s.show_name()))
+                        % (view.where(c), s.show_name()))
         return None
     p = view.peer(s)
     kind = TYPES[s.type]
     if p is None or p[0] == "dead":
         return None
     if p[0] == "pending":
-        if p[1] not in view.held:
+        if not view.kept(p[1]):
             return ("a %s socket connecting to %s, a listener outside the process that has not accepted it "
                     "yet: connections leading out of the process are not supported" % (kind, _peer_text(view, p[1])))
         return None
@@ -303,8 +379,8 @@ def _refusal(view, f):
                 "are not supported" % (kind, _peer_text(view, peer.inode)))
     y = view.socks[p[1]]
     if s.type == DGRAM and not y.name and y.peer != s.inode:
-        return ("a datagram socket connected to an unnamed socket (fd %d) that is not connected back to it: "
-                "not supported" % view.fd_of(y.inode))
+        return ("a datagram socket connected to an unnamed socket (%s) that is not connected back to it: "
+                "not supported" % view.where(y.inode))
     return None
 
 
@@ -490,15 +566,101 @@ class UnixSocket(FdKind):
     def create(cls, remote, entry, table):
         made = table.objects.get("unix")
         if made is None:
-            entries = [e for e in table.entries
-                       if e["kind"] == cls.name and not e.get("inherit") and "shares" not in e]
-            made = table.objects["unix"] = _Builder(remote, table, entries).run()
+            made = table.objects["unix"] = _make_all(remote, table)
         if entry["inode"] not in made:
             raise RestoreError("fd %d: unix socket inode %d was not made" % (entry["fd"], entry["inode"]))
         return made[entry["inode"]]
 
 
 # ------------------------------------------------------------------------------------ restore
+def _made_here(e):
+    """An entry whose socket a create makes (not a standard stream leading out, not another fd
+    of an open file made for an earlier entry of this process or of another process)."""
+    return e.get("kind") == UnixSocket.name and not e.get("inherit") and "shares" not in e \
+        and "shares_with" not in e
+
+
+def _components(every):
+    """The unix sockets of the tree that must be made together, as groups of inodes: a socket
+    and its peer, a listener and the connections accepted from it or waiting in its queue, a
+    datagram socket and the bound sockets that sent what is queued in it. every: inode ->
+    entry."""
+    up = {ino: ino for ino in every}
+
+    def top(x):
+        while up[x] != x:
+            up[x] = up[up[x]]
+            x = up[x]
+        return x
+
+    def join(a, b):
+        if a in up and b in up:
+            up[top(a)] = top(b)
+    by_name = {}
+    for ino, e in every.items():
+        if e.get("type") == DGRAM and e.get("bind") == "own" and e.get("name"):
+            by_name.setdefault(e["name"], ino)
+    for ino, e in every.items():
+        peer = e.get("peer") or {}
+        for k in ("held", "pending"):
+            if k in peer:
+                join(ino, peer[k])
+        if e.get("via") is not None:
+            join(ino, e["via"])
+        for c in e.get("pending") or ():
+            join(ino, c)
+        if e.get("type") == DGRAM and isinstance(e.get("queue"), list):
+            for _, sender in e["queue"]:
+                if sender is not None and sender in by_name:
+                    join(ino, by_name[sender])
+    groups = {}
+    for ino in every:
+        groups.setdefault(top(ino), set()).add(ino)
+    return {ino: groups[top(ino)] for ino in every}
+
+
+def _make_all(remote, table):
+    """Every unix socket of the restored process: {inode: its (parked) fd}.
+
+    In a tree, sockets linked across processes (a socketpair whose ends went to a parent and
+    its child, a connection accepted by a child from its parent's listener) are made together,
+    with their queues, options and shutdown states, by the first process of the restore that
+    holds one of them; the others take theirs from it (TreeObjects share/shared)."""
+    me = remote.pid
+    tables = dict(table.tree.tables or {})
+    tables[me] = table.entries
+    every, owner = {}, {}
+    for rank, (pid, entries) in enumerate(tables.items()):
+        for e in entries or ():
+            if _made_here(e) and e.get("inode") is not None and e["inode"] not in every:
+                every[e["inode"]] = e
+                owner[e["inode"]] = (rank, pid)
+    group = _components(every)
+    out, todo = {}, set()
+    for e in table.entries:
+        if not _made_here(e) or e["inode"] in out or e["inode"] in todo:
+            continue
+        if owner.get(e["inode"], (0, me))[1] != me:
+            continue    # another process's (a malformed image): create says it was not made
+        taken = table.shared(("unix", e["inode"]))
+        if taken is not None:
+            out[e["inode"]] = taken[0]      # made by a process restored before
+        else:
+            todo |= group[e["inode"]]
+    if not todo:
+        return out
+    entries = sorted((every[i] for i in todo), key=lambda e: (owner[e["inode"]], e["fd"]))
+    holders = {i: owner[i][1] for i in todo}
+    made = _Builder(remote, table, entries, holders).run()
+    for ino, fd in made.items():
+        if holders[ino] == me:
+            out[ino] = fd
+        else:
+            # for the process that holds it, restored later; closed here with the parked fds
+            table.share(("unix", ino), (fd,))
+    return out
+
+
 def _sockaddr(name):
     if name[:1] != b"\0":
         name += b"\0"
@@ -556,10 +718,11 @@ def _abstract_taken(name):
 class _Builder:
     """Makes every unix socket of the image inside the restored process."""
 
-    def __init__(self, remote, table, entries):
+    def __init__(self, remote, table, entries, holders=None):
         self.r = remote
         self.table = table
         self.entries = entries
+        self.holders = holders or {}    # inode -> PID of the process of the tree that holds it
         self.by_ino = {e["inode"]: e for e in entries}
         self.fd = {}            # inode -> fd in the restored process
         self.dead_peer = {}     # inode -> the fd standing for its closed peer until the refill is done
@@ -606,9 +769,10 @@ class _Builder:
         return self.call(nr, AT_FDCWD, self.r.put(path + b"\0"), *args, what=what, ok=ok)
 
     # -- names ----------------------------------------------------------------------------
-    @staticmethod
-    def label(e):
-        return "fd %d (%s unix socket %s)" % (e["fd"], TYPES.get(e["type"], "?"), e.get("shown") or "")
+    def label(self, e):
+        text = "fd %d (%s unix socket %s)" % (e["fd"], TYPES.get(e["type"], "?"), e.get("shown") or "")
+        pid = self.holders.get(e["inode"], self.r.pid)
+        return text if pid == self.r.pid else "process %d's %s" % (pid, text)
 
     def bind(self, fd, e, name=None):
         """Bind fd to the entry's name (a stale socket file there removed first); relative names
@@ -696,7 +860,7 @@ class _Builder:
 
     # -- the build ----------------------------------------------------------------------
     def run(self):
-        entries = sorted(self.entries, key=lambda e: e["fd"])
+        entries = self.entries      # by process (restore order), then fd
         for e in entries:
             if e["state"] == "listening":
                 self.make_listener(e)

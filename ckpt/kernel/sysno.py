@@ -16,3 +16,4 @@ ppoll, epoll_wait = 271, 232
 shutdown, socketpair, accept4, fchownat, unlinkat, fchmodat = 48, 53, 288, 260, 263, 268
 fchdir, chroot, setfsuid, setfsgid = 81, 161, 122, 123
 kill, rt_sigtimedwait, setrlimit = 62, 128, 160
+madvise = 28

@@ -36,6 +36,7 @@ MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
 MAP_GROWSDOWN, MAP_NORESERVE, MAP_FIXED_NOREPLACE = 0x100, 0x4000, 0x100000
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 F_ADD_SEALS = 1033
+MADV_DONTNEED = 4
 O_RDONLY, O_RDWR = 0, 2
 PR_SET_PDEATHSIG = 1
 PTRACE_SETOPTIONS = 0x4200
@@ -63,10 +64,11 @@ class ProcPlan:
     """One process of the image (the target, or a descendant in a tree's image): its records
     and the paths it is rebuilt from, opened as it."""
 
-    def __init__(self, proc, threads, maps, fds):
+    def __init__(self, proc, threads, maps, fds, cow=None):
         self.proc, self.threads, self.maps, self.fds = proc, threads, maps, fds
         self.pid = proc["pid"]
         self.paths = None
+        self.cow = [tuple(r) for r in cow or []]    # pages it shares with its parent (copy-on-write)
 
 
 class Plan:
@@ -87,7 +89,7 @@ class Plan:
             self.metas = m
             tree = m.get("tree") or {}
             self.members = [ProcPlan(m["process"], m["threads"], m["mappings"], m["fds"])]
-            self.members += [ProcPlan(p["process"], p["threads"], p["mappings"], p["fds"])
+            self.members += [ProcPlan(p["process"], p["threads"], p["mappings"], p["fds"], p.get("cow"))
                              for p in tree.get("processes", [])]
             self.zombies = tree.get("zombies", [])
             self.shm_records = tree.get("shm")
@@ -291,9 +293,11 @@ class Builder:
     """Rebuilds one process of the image in a fresh process (`remote`: made by _spawn, or forked
     by its parent in a tree) that is a stopped copy of ckpt."""
 
-    def __init__(self, plan, pp, opts, remote, tree):
+    def __init__(self, plan, pp, opts, remote, tree, parent=None):
         self.plan = plan
         self.pp = pp
+        self.parent = parent    # the parent's ProcPlan when the process was forked from it rebuilt
+        self.kept = {}          # start -> mapping inherited from the parent as it is (copy-on-write)
         self.opts = opts
         self.pid = pp.pid
         self.remote = remote
@@ -307,15 +311,23 @@ class Builder:
         self.timings[name] = self.timings.get(name, 0) + round((now - t) * 1000, 3)
         return now
 
-    def build(self):
-        """Everything but the release: address space, pages, process state, fds, threads."""
+    def build_memory(self):
+        """The address space and its pages. A process forked from its rebuilt parent keeps the
+        mappings it shares pages with (copy-on-write), and the rest is replaced."""
         t = time.perf_counter()
-        self._clear_address_space()
+        if self.parent is not None:
+            self._reshape()
+        else:
+            self._clear_address_space()
         t = self._lap("unmap", t)
         self._map_layout()
         t = self._lap("map", t)
         self._patch_pages()
-        t = self._lap("write_pages", t)
+        self._lap("write_pages", t)
+
+    def build_state(self):
+        """Everything else but the release: process state, fds, threads, credentials."""
+        t = time.perf_counter()
         self._process_state()
         t = self._lap("process_state", t)
         self._threads()
@@ -341,14 +353,49 @@ class Builder:
             lo = e
         holes.append((lo, TASK_TOP))
         r.many([(sysno.munmap, (s, e - s)) for s, e in holes], what="munmap of the restorer's own memory")
-        # scratch area where nothing of the image or the specials lies
-        busy = [(m["start"], m["end"]) for m in self.pp.maps] + specials
+        # scratch area where nothing of the image (of any of its processes: children forked from
+        # this one inherit it) or the specials lies
+        busy = [(m["start"], m["end"]) for pp in self.plan.members for m in pp.maps] + specials
         scratch = _free_gap(busy, SCRATCH_SIZE)
         got = r.call(sysno.mmap, scratch, SCRATCH_SIZE, 3, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0,
                      what="mmap of the scratch area")
         r.set_scratch(got)
         self.busy = busy + [(got, got + SCRATCH_SIZE)]
         self._move_specials(cur)
+
+    def _reshape(self):
+        """A process forked from its rebuilt parent: the parent's layout, pages and scratch area.
+        Mappings it shares pages with the parent (identical in both images) are kept as they
+        are; everything else is unmapped (and mapped again by _map_layout)."""
+        r = self.remote
+        cur = procfs.read_maps(self.pid)
+        r.insn = find_syscall_insn(self.pid, cur)
+        conf = r.main.get_rseq()
+        if conf:
+            r.call(sysno.rseq, conf["ptr"], conf["size"], threads.RSEQ_FLAG_UNREGISTER, conf["sig"],
+                   what="unregistering the inherited rseq")
+        theirs = {m["start"]: m for m in self.parent.maps}
+        cow = self.pp.cow
+        for m in self.pp.maps:
+            p = theirs.get(m["start"])
+            if (m["kind"] in ("anon", "file-private") and not _deleted(m) and p is not None
+                    and all(m[k] == p[k] for k in ("end", "perms", "offset", "kind", "path", "inode", "dev"))
+                    and any(s < m["end"] and e > m["start"] for s, e in cow)):
+                self.kept[m["start"]] = m
+        stay = sorted([(v.start, v.end) for v in cur if v.special and v.path != "[vsyscall]"]
+                      + [(r.scratch, r.scratch + SCRATCH_SIZE)]
+                      + [(m["start"], m["end"]) for m in self.kept.values()])
+        holes, lo = [], MMAP_MIN
+        for s_, e_ in stay:
+            if s_ > lo:
+                holes.append((lo, s_))
+            lo = max(lo, e_)
+        holes.append((lo, TASK_TOP))
+        r.many([(sysno.munmap, (a, b - a)) for a, b in holes], what="munmap of the parent's memory")
+        self.busy = stay
+        want = {m["path"]: m["start"] for m in self.pp.maps if m["kind"] == "special"}
+        if any(v.special and v.path in want and v.start != want[v.path] for v in cur):
+            self._move_specials(cur)
 
     def _move_specials(self, cur):
         r = self.remote
@@ -396,7 +443,7 @@ class Builder:
             opened[key] = fd
         for m in self.pp.maps:
             k = m["kind"]
-            if k not in ("file-private", "file-shared") or _deleted(m):
+            if k not in ("file-private", "file-shared") or _deleted(m) or m["start"] in self.kept:
                 continue
             key = ("map", m["path"], _map_mode(m))
             if key not in opened:
@@ -405,7 +452,7 @@ class Builder:
             k = m["kind"]
             size = m["end"] - m["start"]
             prot = _prot(m["perms"])
-            if k == "special":
+            if k == "special" or m["start"] in self.kept:
                 continue
             if k == "anon" or (k == "file-private" and _deleted(m)):
                 flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE
@@ -437,7 +484,16 @@ class Builder:
                 continue
             if m["kind"] == "shmem" and (m["dev"], m["inode"]) in self.plan.shm:
                 continue    # its pages are in the object already
-            spans.append((m["start"], m["end"], m["kind"] in ("anon", "shmem") or _deleted(m)))
+            zero_src = m["kind"] in ("anon", "shmem") or _deleted(m)
+            if m["start"] in self.kept:
+                # inherited from the parent: the pages it shares stay; the others go back to
+                # their source (zero, or the file) and take the image's content below
+                own = _outside((m["start"], m["end"]), self.pp.cow)
+                r.many([(sysno.madvise, (a, b - a, MADV_DONTNEED)) for a, b in own],
+                       what="madvise(MADV_DONTNEED) of the parent's pages")
+                spans += [(a, b, zero_src) for a, b in own]
+                continue
+            spans.append((m["start"], m["end"], zero_src))
         spans.sort()
         runs, buf, size = [], bytearray(), 0
 
@@ -566,6 +622,21 @@ class Builder:
     def release(self):
         for t in self.remote.threads.values():
             t.detach()
+
+
+def _outside(rng, ranges):
+    """[lo, hi) minus sorted, disjoint (start, end) ranges."""
+    lo, hi = rng
+    out = []
+    for s, e in ranges:
+        if e <= lo or s >= hi:
+            continue
+        if s > lo:
+            out.append((lo, s))
+        lo = max(lo, e)
+    if lo < hi:
+        out.append((lo, hi))
+    return out
 
 
 def _same_file(a, fd):

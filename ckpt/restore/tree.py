@@ -13,6 +13,7 @@ already rebuilt) and all are released together, children first.
 While it is built, every process dies with ckpt: the target by its parent-death signal, the
 others with their parent (each gets SIGKILL as its parent-death signal until the release).
 """
+import base64
 import errno
 import os
 import signal
@@ -24,7 +25,8 @@ from ckpt.files.base import TreeObjects
 from ckpt.kernel import procfs, sysno
 from ckpt.kernel.ptrace import Tracee, _call, find_syscall_insn
 from ckpt.restore.build import Builder, _spawn, pid_taken
-from ckpt.restore.remote import SCRATCH_SIZE, Remote
+from ckpt.kernel.native import PAGE_SIZE
+from ckpt.restore.remote import Remote
 
 PTRACE_SETOPTIONS = 0x4200
 PTRACE_O_TRACEFORK = 2
@@ -48,17 +50,33 @@ class TreeRestore:
         t0 = time.perf_counter()
         builders = []
         try:
-            self._create()
-            t1 = time.perf_counter()
-            self._groups()
-            self._zombies_exit()
             self.plan.shared_memory()
             for key, fd in self.plan.shm.items():       # for the memfd fds (ckpt/files/memfd.py)
                 self.tree.objects[("shm",) + key] = (os.dup(fd),)
+            root = self.plan.members[0]
+            r = self.remotes[root.pid] = Remote(_spawn(root.pid))
+            r.insn = find_syscall_insn(root.pid, procfs.read_maps(root.pid))
+            self._own_session(self.remotes[root.pid], root.proc)
+            t1 = time.perf_counter()
+            by_pid = {pp.pid: pp for pp in self.plan.members}
             for pp in self.plan.members:
-                b = Builder(self.plan, pp, self.opts, self.remotes[pp.pid], self.tree)
-                b.build()
+                parent = by_pid.get(pp.proc["ppid"]) if pp is not root else None
+                b = Builder(self.plan, pp, self.opts, self.remotes[pp.pid], self.tree, parent)
                 builders.append(b)
+                b.build_memory()
+                # its children are forked now, from its rebuilt memory: the pages they still
+                # share with it (copy-on-write) stay shared
+                for child in self.plan.members:
+                    if child.proc["ppid"] == pp.pid and child is not root:
+                        self._fork(child.pid, pp.pid, child.proc.get("exit_signal", signal.SIGCHLD))
+                        self._own_session(self.remotes[child.pid], child.proc)
+                for z in self.plan.zombies:
+                    if z["ppid"] == pp.pid:
+                        self._fork(z["pid"], pp.pid, signal.SIGCHLD)
+                        self._own_session(self.remotes[z["pid"]], z)
+                b.build_state()
+            self._groups()
+            self._zombies_exit()
             for b in builders:
                 b.prepare_release(root=b.pid == self.plan.pid)
             t2 = time.perf_counter()
@@ -84,25 +102,11 @@ class TreeRestore:
                 "zombies": [z["pid"] for z in self.plan.zombies],
                 "pages_written": sum(b.pages_written for b in builders),
                 "bytes_written": sum(b.bytes_written for b in builders),
+                "pages_shared": sum((e - s) // PAGE_SIZE for pp in self.plan.members for s, e in pp.cow),
                 "restore_ms": timings["total"], "timings_ms": timings,
                 "injected_syscalls": sum(r.calls for r in self.remotes.values())}
 
     # -- creation -------------------------------------------------------------------------
-    def _create(self):
-        root = self.plan.members[0]
-        r = self.remotes[root.pid] = Remote(_spawn(root.pid))
-        r.insn = find_syscall_insn(root.pid, procfs.read_maps(root.pid))
-        # a scratch area in the blank copy: the forks' arguments (children inherit it)
-        r.set_scratch(r.call(sysno.mmap, 0, SCRATCH_SIZE, 3, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0,
-                             what="mmap of a scratch area"))
-        self._own_session(r, root.proc)
-        for pp in self.plan.members[1:]:
-            self._fork(pp.pid, pp.proc["ppid"], pp.proc.get("exit_signal", signal.SIGCHLD))
-            self._own_session(self.remotes[pp.pid], pp.proc)
-        for z in self.plan.zombies:
-            self._fork(z["pid"], z["ppid"], signal.SIGCHLD)
-            self._own_session(self.remotes[z["pid"]], z)
-
     def _fork(self, pid, ppid, exit_signal):
         parent = self.remotes[ppid]
         _call(PTRACE_SETOPTIONS, ppid, 0, PTRACE_O_TRACEFORK)
@@ -169,14 +173,22 @@ class TreeRestore:
                 time.sleep(0.001)
             del self.remotes[z["pid"]]
         for ppid in {z["ppid"] for z in self.plan.zombies}:
+            proc = self.links[ppid]
+            if any(struct.unpack_from("<i", base64.b64decode(x))[0] == signal.SIGCHLD
+                   for x in proc.get("shared_signals", [])):
+                continue    # it had one pending at the dump: that one stays (they do not queue)
+            # the parent is rebuilt (its scratch area gone): a page for the arguments, for now
             r = self.remotes[ppid]
-            r.reset()
+            page = r.call(sysno.mmap, 0, PAGE_SIZE, 3, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0, what="mmap of a page")
+            r.set_scratch(page)
             mask = r.put(struct.pack("<Q", 1 << (signal.SIGCHLD - 1)))
             zero = r.put(struct.pack("<qq", 0, 0))
             for _ in range(len(self.plan.zombies) + 1):
                 if r.call(sysno.rt_sigtimedwait, mask, 0, zero, 8, ok_errors=(errno.EAGAIN,),
                           what="taking back SIGCHLD") < 0:
                     break
+            r.call(sysno.munmap, page, PAGE_SIZE, what="munmap of that page")
+            r.scratch = None
 
     # -- failure --------------------------------------------------------------------------
     def _kill(self):
