@@ -172,6 +172,12 @@ def info(image, as_json):
                % (P(image), d["bytes"], P(d["format"]), P(d["kernel"]), P(d["arch"])))
     click.echo("process %s (%s) %s" % (p.get("pid"), P(p.get("comm")), " ".join(P(a) for a in p.get("cmdline", []))))
     click.echo("  threads: %s" % ", ".join(str(t) for t in d["threads"]))
+    tr = d.get("tree") or {}
+    if len(tr.get("processes", [])) > 1 or tr.get("zombies"):
+        click.echo("  process tree: %s%s (the mappings and fds below are process %s's)"
+                   % (" ".join(str(x) for x in tr["processes"]),
+                      "; zombies %s" % " ".join(str(x) for x in tr["zombies"]) if tr.get("zombies") else "",
+                      p.get("pid")))
     dm = d.get("dump", {})
     click.echo("  dump mode %s, rounds (pages) %s" % (P(dm.get("mode")), [r["pages"] for r in dm.get("rounds", [])]))
     click.echo("  pages held: %d (%d zero), payload %d bytes" % (d["pages"], d["zero_pages"], d["payload_bytes"]))
