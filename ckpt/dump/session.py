@@ -429,7 +429,7 @@ class Dump:
                                   "the processes are left as they were" % self.pid)
             time.sleep(0.0005)
         # parents before children, as restore creates them
-        order = [self.pid] + [i["pid"] for i in tree.descendants(self.pid, self.opts.single)
+        order = [self.pid] + [i["pid"] for i in tree.descendants(self.pid, self.opts.single, stopped=True)
                               if i["pid"] in self.members]
         self.members = {p: self.members[p] for p in order if p in self.members}
         for m in self.members.values():
@@ -565,7 +565,7 @@ class Dump:
         parent ignores SIGCHLD)."""
         pending, unsettled = [], False
         self.zombies = []
-        for info in tree.descendants(self.pid):
+        for info in tree.descendants(self.pid, stopped=True):
             if info["state"] == "Z":
                 self.zombies.append(info)
             elif info["pid"] in self.members or info["ppid"] not in self.members:

@@ -18,11 +18,12 @@ from ckpt.kernel.native import PAGE_SIZE, ffi, lib
 SHM_SPACE = 1 << 62
 
 
-def descendants(pid, single=False):
+def descendants(pid, single=False, stopped=False):
     """Every descendant of pid, zombies too, parents first (procfs.links of each). ckpt itself
     must not be among them (it cannot freeze or kill itself), except for --single, where it is
-    left out (a shell dumping itself)."""
-    below = procfs.descendants(pid)
+    left out (a shell dumping itself). stopped: the tree is frozen, its children lists are
+    exact (much cheaper than reading every process's stat)."""
+    below = procfs.descendants_of_stopped(pid) if stopped else procfs.descendants(pid)
     if single:
         return [i for i in below if i["pid"] != os.getpid()]
     if any(i["pid"] == os.getpid() for i in below):
