@@ -58,6 +58,7 @@ C_TARGETS = {
     "sparseshm": [],
     "names": [],
     "confine": [],
+    "treeunix": [],
     "fpavx": ["-frounding-math"] + FP_FLAGS,
 }
 

@@ -28,15 +28,34 @@ offsets set, socket files given their owner and mode back (or unlinked again if 
 the dump). A stale socket file at a bound path (nobody bound to it) is removed; anything else
 in the way fails the restore before anything is made.
 
+Process trees. A socket whose peer, listener or waiting client another process of the dumped
+tree holds (FreezeContext.tree; above its standard streams) is not leading out: a socketpair
+whose ends a parent and its child kept after fork(), a connection a child accepted from its
+parent's listener, one waiting in the accept queue of a listener of another process. Copies of
+one socket in several processes (nginx's channels: the master holds both ends, each worker a
+copy of one) are one open file: the later ones take the first one's fd at restore (shares_with).
+At restore the sockets linked to each other (a pair, a listener with its connections and
+waiting clients, a datagram socket with the bound sockets it was connected to or whose data it
+holds) are made together, with their queues, options and shutdown states, by the first process
+of the restore that holds one of them (with its rights: socket files get their owner back as
+usual); the processes restored after it take theirs (Table.share and Table.shared). Refused at
+dump, naming both processes and fds: a socket whose peer another process of the tree holds only
+as a standard stream (fd 0-2), which restore attaches to ckpt's own streams (the framework's
+rule for standard streams), and what is refused within one process (a datagram socket
+connected to an unnamed one that is not connected back, a client waiting in a listener's queue
+that has already sent data).
+
 Not kept: peer credentials other than the restored process's own (SO_PEERCRED of in-process
-pairs names the restored PID, as it did, but the uid restore runs as), the credentials attached
-to queued messages, an out-of-band byte (refused: the queued bytes do not add up), a pending
-error (SO_ERROR). Empty datagrams at the end of the queue of a datagram socket shut down for
-reading cannot be told from its end of file and are not kept. The name of a connection accepted
-from a listener that is gone comes back only if nothing holds it at restore (else unnamed, with
-a warning). Datagrams sent by other processes between the freeze and the kill are lost with the
-killed process, as they would be. Two sockets of the image bound to one path (the first one's
-file unlinked) that are both reached by name during the restore cannot both be bound.
+pairs names the restored PID, as it did, but the uid restore runs as; in a tree, a socket made
+by another process of the tree names that process: exact for a socketpair made before a fork,
+not for a connection between two processes), the credentials attached to queued messages, an
+out-of-band byte (refused: the queued bytes do not add up), a pending error (SO_ERROR). Empty
+datagrams at the end of the queue of a datagram socket shut down for reading cannot be told from
+its end of file and are not kept. The name of a connection accepted from a listener that is gone
+comes back only if nothing holds it at restore (else unnamed, with a warning). Datagrams sent by
+other processes between the freeze and the kill are lost with the killed process, as they would
+be. Two sockets of the image bound to one path (the first one's file unlinked) that are both
+reached by name during the restore cannot both be bound.
 """
 import array
 import base64
@@ -138,6 +157,7 @@ class _View:
     def __init__(self, pid, tree=()):
         self.pid = pid
         self.tree = [p for p in tree if p != pid]     # the other processes dumped with it
+        self.outside = "the dumped processes" if self.tree else "the process"   # for messages
         self._others = None
         self._tree_listeners = None
         self.netns = _netns(pid)
@@ -321,6 +341,16 @@ def _held_by(view, ino):
     return ("held by %s" % who) if who else "held by no process ckpt can see"
 
 
+def _tree_stdio(view, ino):
+    """"fd 1 (standard output) of process 12 (name)" when the socket is held by another process
+    of the tree only as a standard stream, else None."""
+    if not view.tree or not view.others.get(ino):
+        return None
+    pid, fd = min(view.others[ino])
+    return "fd %d (standard %s) of process %d (%s), another process of the dumped tree" % (
+        fd, ("input", "output", "error")[fd], pid, procfs.comm(pid) or "?")
+
+
 def _peer_text(view, ino):
     s = view.socks.get(ino)
     return "%s (%s)" % (s.show_name() if s is not None and s.name else "an unnamed socket", _held_by(view, ino))
@@ -352,8 +382,9 @@ def _refusal(view, f):
                         "(%s), with whatever it sent, which cannot be read before it is accepted: not supported; "
                         "retry once it is accepted" % s.show_name())
             if not view.kept(c):
-                return ("a connection from outside the process (%s) waits in the accept queue of this listener "
-                        "(%s): not supported; retry once it is accepted" % (_held_by(view, c), s.show_name()))
+                return ("a connection from outside %s (%s) waits in the accept queue of this listener "
+                        "(%s): not supported; retry once it is accepted"
+                        % (view.outside, _held_by(view, c), s.show_name()))
             if view.socks[c].wqueue:
                 return ("%s has a connection waiting in the accept queue of this listener (%s) and has already "
                         "sent data on it, which cannot be read before it is accepted: not supported"
@@ -365,18 +396,23 @@ def _refusal(view, f):
         return None
     if p[0] == "pending":
         if not view.kept(p[1]):
-            return ("a %s socket connecting to %s, a listener outside the process that has not accepted it "
-                    "yet: connections leading out of the process are not supported" % (kind, _peer_text(view, p[1])))
+            return ("a %s socket connecting to %s, a listener outside %s that has not accepted it yet: "
+                    "connections leading out of %s are not supported"
+                    % (kind, _peer_text(view, p[1]), view.outside, view.outside))
         return None
     if p[0] == "outside":
         peer = p[1]
+        stdio = _tree_stdio(view, peer.inode)
+        if stdio:
+            return ("a %s socket connected to %s: restore attaches a standard stream to ckpt's own streams, "
+                    "which would cut this connection; not supported" % (kind, stdio))
         if s.type == DGRAM:
             if not peer.name:
-                return ("a datagram socket connected to %s outside the process: without a name it could not "
-                        "be reconnected: not supported" % _peer_text(view, peer.inode))
+                return ("a datagram socket connected to %s outside %s: without a name it could not "
+                        "be reconnected: not supported" % (_peer_text(view, peer.inode), view.outside))
             return None
-        return ("a %s socket connected to %s outside the process: connections leading out of the process "
-                "are not supported" % (kind, _peer_text(view, peer.inode)))
+        return ("a %s socket connected to %s outside %s: connections leading out of %s are not supported"
+                % (kind, _peer_text(view, peer.inode), view.outside, view.outside))
     y = view.socks[p[1]]
     if s.type == DGRAM and not y.name and y.peer != s.inode:
         return ("a datagram socket connected to an unnamed socket (%s) that is not connected back to it: "
