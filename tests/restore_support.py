@@ -426,6 +426,20 @@ def reap_killed(p):
     assert rc == -signal.SIGKILL, "target %d ended with %s, expected SIGKILL from the dump" % (p.pid, rc)
 
 
+def reap_orphans(pids, timeout=WAIT):
+    """The processes of a dumped tree below its top, killed by the dump, end up ours (the tests
+    run as a child subreaper): reap them so that their PIDs are free for the restore."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while os.path.exists("/proc/%d" % pid):
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            assert time.monotonic() < deadline, "process %d was not reaped" % pid
+            time.sleep(0.005)
+
+
 def restore(procs, img, *extra):
     """`ckpt restore IMG EXTRA` (detached); the image's PID is adopted for teardown whatever
     happens. Returns (rc, stdout, stderr)."""

@@ -6,9 +6,11 @@ import os
 import re
 import signal
 import struct
+import subprocess
+import sys
 import time
 
-from restore_support import (WAIT, alive, dump, image_meta, procs, read_lines, reap_killed, reference,  # noqa: F401
+from restore_support import (reap_orphans, SRC, WAIT, alive, dump, image_meta, procs, read_lines, reap_killed, reference,  # noqa: F401
                              restore_ok, rs_built, run_ckpt, subreaper, wait_file_line, wait_gone)
 from ckpt.kernel import procfs
 
@@ -19,20 +21,6 @@ STEPS, EVERY, GATE, ZOMBIE_AT = 40000, 500, 30000, 35000
 def _links(pid):
     i = procfs.links(pid)
     return (i["ppid"], i["pgid"], i["sid"], i["state"] == "Z")
-
-
-def _reap_orphans(pids, timeout=WAIT):
-    """The original tree's processes, killed by the dump, end up ours (the tests run as a child
-    subreaper): reap them so that their PIDs are free for the restore."""
-    deadline = time.monotonic() + timeout
-    for pid in pids:
-        while os.path.exists("/proc/%d" % pid):
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            assert time.monotonic() < deadline, "process %d was not reaped" % pid
-            time.sleep(0.005)
 
 
 def _anon_shared(child, parent, ranges):
@@ -91,7 +79,7 @@ def test_family_dumped_whole_and_restored(procs, tmp_path):
     assert res["processes"] == tree and res["zombies"] == zombie, res
     assert res["pages_verified"] > 4 * 1024, res
     reap_killed(p)
-    _reap_orphans(kids + zombie)
+    reap_orphans(kids + zombie)
     restore_ok(procs, tmp_path / "tree.img")
     # at the gate: everything in place, the zombie not yet reaped
     wait_file_line(out, lambda s: s == "step %d hash" % (GATE - EVERY) or s.startswith("step %d " % (GATE - EVERY)))
@@ -180,7 +168,7 @@ def test_fork_heavy_target(procs, tmp_path):
     for q in gone:
         procs.adopt(q)
     reap_killed(p)
-    _reap_orphans(gone)
+    reap_orphans(gone)
     n = len(read_lines(out))
     restore_ok(procs, tmp_path / "forker.img")
     wait_file_line(out, lambda s: s.startswith("forks ") and len(read_lines(out)) > n + 3)
@@ -188,3 +176,32 @@ def test_fork_heavy_target(procs, tmp_path):
     assert not [s for s in got if s.startswith(("BAD", "ERROR", "CRASH"))], got[-5:]
     counts = [int(s.split()[1]) for s in got if s.startswith("forks ")]
     assert counts == list(range(500, 500 * len(counts) + 1, 500)), counts[-5:]
+
+
+def test_shell_pipeline_dumped_with_its_shell(procs, tmp_path):
+    """`sh -c 'produce | consume'`: the shell and both ends of the pipeline; the pipe between
+    them (their standard streams, and what it held at the dump) joins them again after the
+    restore, instead of each end leading out to /dev/null."""
+    log = tmp_path / "pipeline.log"
+    prog = "%s %s" % (sys.executable, SRC / "pipeline.py")
+    out = open(tmp_path / "sh.out", "w")
+    p = subprocess.Popen(["sh", "-c", "%s produce | %s consume %s" % (prog, prog, log)], stdout=out,
+                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    out.close()
+    procs.targets.append(p)
+    wait_file_line(log, lambda s: s == "got 2000", proc=p)
+    kids = [i["pid"] for i in procfs.descendants(p.pid)]
+    assert len(kids) == 2, kids
+    for pid in kids:
+        procs.adopt(pid)
+    res = dump(p.pid, tmp_path / "pipeline.img")
+    assert res["processes"] == [p.pid] + kids, res
+    fds = {q["pid"]: {e["fd"]: e for e in q["fds"]} for q in image_meta(tmp_path / "pipeline.img")["tree"]["processes"]}
+    assert fds[kids[0]][1]["kind"] == "pipe" and not fds[kids[0]][1]["inherit"], fds[kids[0]][1]
+    assert fds[kids[1]][0]["kind"] == "pipe" and not fds[kids[1]][0]["inherit"], fds[kids[1]][0]
+    reap_killed(p)
+    reap_orphans(kids)
+    n = len(read_lines(log))
+    restore_ok(procs, tmp_path / "pipeline.img")
+    wait_file_line(log, lambda s: s.startswith("got ") and len(read_lines(log)) > n + 5)
+    assert not [s for s in read_lines(log) if s.startswith("BAD")], read_lines(log)[-5:]

@@ -11,25 +11,11 @@ import os
 import signal
 import time
 
-from restore_support import (WAIT, alive, dump, image_meta, procs, read_lines, reap_killed, restore_ok,  # noqa: F401
+from restore_support import (reap_orphans, WAIT, alive, dump, image_meta, procs, read_lines, reap_killed, restore_ok,  # noqa: F401
                              rs_built, run_ckpt, subreaper, wait_file_line, wait_gone)
 from ckpt.kernel import procfs
 
 ROUNDS = 400
-
-
-def _reap_orphans(pids, timeout=WAIT):
-    """The original tree's children, killed by the dump, end up ours (the tests run as a child
-    subreaper): reap them so that their PIDs are free for the restore."""
-    deadline = time.monotonic() + timeout
-    for pid in pids:
-        while os.path.exists("/proc/%d" % pid):
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            assert time.monotonic() < deadline, "process %d was not reaped" % pid
-            time.sleep(0.005)
 
 
 def _gated(out, names):
@@ -75,7 +61,7 @@ def _dump_kill_restore(procs, tmp_path, p, out, kids, names, check_image=None):
     if check_image is not None:
         check_image(_tables(img))
     reap_killed(p)
-    _reap_orphans(kids)
+    reap_orphans(kids)
     before = read_lines(out)
     restore_ok(procs, img)
     for pid in [p.pid] + kids:

@@ -54,8 +54,36 @@ def kind_of(f):
     return FdKind
 
 
-def _stdio_inherited(fd, kind, entry):
-    return fd <= 2 and (kind.inherit_stdio or entry.get("tty"))
+def _stdio_inherited(f, kind, entry):
+    """A standard stream leading out of the process (attached to ckpt's own, or /dev/null, at
+    restore). Not a pipe both of whose ends the dumped tree holds (a shell pipeline `a | b`
+    dumped with its shell): that one is restored as the pipe it is."""
+    if f.fd > 2 or not (kind.inherit_stdio or entry.get("tty")):
+        return False
+    return not (kind is Pipe and len(f.ctx.tree) > 1 and _tree_pipe_ends(f.ctx).get(f.link) == {"r", "w"})
+
+
+def _tree_pipe_ends(ctx):
+    """{pipe link: the ends ("r", "w") the processes of the dumped tree hold}, once per context:
+    an fd's /proc link is its pipe, and the link's own mode says which end (read or write)."""
+    ends = ctx.memo.get("tree_pipes")
+    if ends is None:
+        ends = ctx.memo["tree_pipes"] = {}
+        for pid in ctx.tree:
+            try:
+                numbers = procfs.fds(pid)
+            except TargetGone:
+                continue
+            for fd in numbers:
+                path = procfs.proc(pid, "fd", str(fd))
+                try:
+                    link = os.readlink(path)
+                    if link.startswith("pipe:"):
+                        mode = os.lstat(path).st_mode
+                        ends.setdefault(link, set()).update(("r",) * bool(mode & 0o400) + ("w",) * bool(mode & 0o200))
+                except OSError:
+                    continue
+    return ends
 
 
 SYS_kcmp, KCMP_FILE = 312, 0
@@ -142,7 +170,7 @@ def _entry(f, described):
         entry.update(kind.describe(f))
     entry["flags"] = f.flags
     entry["pos"] = f.pos
-    entry["inherit"] = bool(_stdio_inherited(f.fd, kind, entry))
+    entry["inherit"] = bool(_stdio_inherited(f, kind, entry))
     if not entry["inherit"]:
         why = kind.refuse(f, entry)
         if why:
