@@ -394,7 +394,14 @@ int64_t ck_fd_scan(int pid, const int32_t *fds, int64_t n, struct ck_fdstat *out
 		}
 		o->link[len] = 0;
 		o->link_len = (int32_t)len;
-		if (fstatat(dfd, name, &st, 0) == 0) {
+		if (fstatat(dfd, name, &st, 0) < 0) {
+			/* closed between the two looks (the target runs while the dump first describes
+			 * its fds): as if closed before */
+			if (errno == ENOENT) {
+				o->err = errno;
+				continue;
+			}
+		} else {
 			o->has_stat = 1;
 			o->mode = st.st_mode;
 			o->dev = st.st_dev;
