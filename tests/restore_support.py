@@ -50,6 +50,7 @@ C_TARGETS = {
     "compute": [],
     "family": [],
     "forker": [],
+    "sharedfds": [],
     "blocker": [],
     "fdcheck": [],
     "evfds": [],
@@ -389,7 +390,19 @@ class Procs:
         return p
 
     def teardown(self):
-        for pid in self.pids:
+        # every process killed before any is waited for: a tree's child killed alone stays a
+        # zombie until its parent (killed later) is gone and it comes to us
+        for pid in reversed(self.pids):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for p in self.targets:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for pid in reversed(self.pids):
             kill_and_reap(pid)
         for p in self.popens:
             if p.poll() is None:

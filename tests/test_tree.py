@@ -205,3 +205,22 @@ def test_shell_pipeline_dumped_with_its_shell(procs, tmp_path):
     restore_ok(procs, tmp_path / "pipeline.img")
     wait_file_line(log, lambda s: s.startswith("got ") and len(read_lines(log)) > n + 5)
     assert not [s for s in read_lines(log) if s.startswith("BAD")], read_lines(log)[-5:]
+
+
+def test_shared_fd_table_stays_shared(procs, tmp_path):
+    """A child made with CLONE_FILES shares its parent's fd table: after the restore, an fd the
+    child opens is the parent's too, and one the parent closes is the child's no more."""
+    out = tmp_path / "sharedfds.out"
+    p, _ = procs.start("sharedfds", 100, stdout=out)
+    wait_file_line(out, lambda s: s == "round 300 ok", proc=p)
+    kids = [i["pid"] for i in procfs.descendants(p.pid)]
+    for pid in kids:
+        procs.adopt(pid)
+    dump(p.pid, tmp_path / "sharedfds.img")
+    assert image_meta(tmp_path / "sharedfds.img")["tree"]["processes"][0]["process"]["fd_table_of"] == p.pid
+    reap_killed(p)
+    reap_orphans(kids)
+    n = len(read_lines(out))
+    restore_ok(procs, tmp_path / "sharedfds.img")
+    wait_file_line(out, lambda s: s.startswith("round ") and len(read_lines(out)) > n + 3)
+    assert not [s for s in read_lines(out) if s.startswith(("BAD", "ERROR", "CRASH"))], read_lines(out)[-5:]

@@ -165,24 +165,27 @@ class Dump:
     def _copy_round(self, index, work, t_start=None):
         """One round: work = [(member, runs)]."""
         t = time.perf_counter() if t_start is None else t_start
-        pages = 0
-        for m, runs in work:
-            # round 0 streams big contiguous runs (zero runs kept apart); later rounds scattered pages
-            pages += m.copier.copy(runs, check=self._check, scatter=index > 0)
+        # round 0 streams big contiguous runs (zero runs kept apart); later rounds scattered pages
+        runs_of = dict(work)
+        pages = sum(n for _, n in self._live(lambda m: m.copier.copy(runs_of[m], check=self._check, scatter=index > 0),
+                                             list(runs_of)))
         ms = (time.perf_counter() - t) * 1000
         info = {"round": index, "pages": pages, "ms": round(ms, 3)}
         self.rounds.append(info)
         self.writer.add_round(info)
-        for m, _ in work:
+        for m in self.members.values():
             m.copier.held()   # brought up to date now, so that the frozen phase need not
         self._progress(event="round", **info)
         return pages, ms
 
-    def _live(self, fn):
-        """fn(member) for every member; a process of the tree (not the one dumped) that exits
-        meanwhile leaves the tree (a fork-heavy program's short-lived children)."""
+    def _live(self, fn, members=None):
+        """fn(member) for every member (or those given); a process of the tree (not the one
+        dumped) that exits meanwhile leaves the tree (a fork-heavy program's short-lived
+        children)."""
         out = []
-        for m in list(self.members.values()):
+        for m in list(self.members.values()) if members is None else members:
+            if m.pid not in self.members:
+                continue
             try:
                 out.append((m, fn(m)))
             except Exception as e:
@@ -590,6 +593,12 @@ class Dump:
                 pending.append(m)
         return pending, unsettled
 
+    def _links_to_parent(self, m, process_state):
+        """What a process shares with its parent beyond memory: one fd table (CLONE_FILES)."""
+        ppid = process_state["ppid"]
+        if ppid in self.members and m.pid != self.pid and files.same_fd_table(m.pid, ppid):
+            process_state["fd_table_of"] = ppid
+
     def _capture_state(self, m):
         """Thread and process state of a frozen member, through injected syscalls (which borrow,
         and give back, scratch bytes on thread stacks)."""
@@ -602,6 +611,7 @@ class Dump:
         process_state["exe_file"] = exe_identity(m.pid)
         for name in ("cwd", "root"):     # which directories: restore checks it gets the same ones back
             process_state[name + "_file"] = _dir_identity(m.pid, name)
+        self._links_to_parent(m, process_state)
         m.records = [process_state, thread_state, None]
 
     def _final_scan(self, m, cow=None):

@@ -98,6 +98,14 @@ def _file_order(a, b):
     return None if r < 0 else (0, -1, 1)[r]
 
 
+KCMP_FILES = 2
+
+
+def same_fd_table(pid1, pid2):
+    """Whether two processes share one fd table (clone with CLONE_FILES), by kcmp(KCMP_FILES)."""
+    return _libc.syscall(SYS_kcmp, pid1, pid2, KCMP_FILES, 0, 0) == 0
+
+
 def _mark_shared(groups, rank):
     """Fds that are one open file description (of one process, or inherited across fork by
     several processes of a tree) are restored as one object, so that they keep sharing offset

@@ -192,6 +192,7 @@ PROCESS = Dict({
     "cgroups": List(Dict({"id": Int(*U32), "controllers": Str(), "path": Str(maxlen=PATH_MAX)})),
     "pdeathsig": Int(0, 64, "a signal number (0..64)"),
     "exit_signal": Int(0, 64, "a signal number (0..64)"),
+    "fd_table_of": Int(*PID, what="a PID (1..2^22)"),
     "subreaper": Bool,
 })
 

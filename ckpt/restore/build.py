@@ -562,8 +562,9 @@ class Builder:
         # RLIMIT_NOFILE of the process would refuse. Objects ckpt makes itself (sockets, timers)
         # are made with the process's rights too (CAP_NET_ADMIN on top, for TCP repair)
         extra = (CAP_NET_ADMIN,) if self.plan.trusted else ()
-        with acting_as(p["creds"], extra_caps=extra):
-            files.restore_fds(r, self.pp.fds, self.opts, paths, self.tree)
+        if p.get("fd_table_of") is None:    # else its parent's table, which is its own (CLONE_FILES)
+            with acting_as(p["creds"], extra_caps=extra):
+                files.restore_fds(r, self.pp.fds, self.opts, paths, self.tree)
         process.restore_rlimits(self.pid, p, self.opts.warn)
 
     def _process_file_ids(self):

@@ -31,6 +31,7 @@ from ckpt.restore.remote import Remote
 PTRACE_SETOPTIONS = 0x4200
 PTRACE_O_TRACEFORK = 2
 PR_SET_PDEATHSIG = 1
+CLONE_FILES = 0x400
 MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
 SYS_exit_group = 231
 WALL = 0x40000000
@@ -68,7 +69,8 @@ class TreeRestore:
                 # share with it (copy-on-write) stay shared
                 for child in self.plan.members:
                     if child.proc["ppid"] == pp.pid and child is not root:
-                        self._fork(child.pid, pp.pid, child.proc.get("exit_signal", signal.SIGCHLD))
+                        self._fork(child.pid, pp.pid, child.proc.get("exit_signal", signal.SIGCHLD),
+                                   shared_fds=child.proc.get("fd_table_of") == pp.pid)
                         self._own_session(self.remotes[child.pid], child.proc)
                 for z in self.plan.zombies:
                     if z["ppid"] == pp.pid:
@@ -107,12 +109,15 @@ class TreeRestore:
                 "injected_syscalls": sum(r.calls for r in self.remotes.values())}
 
     # -- creation -------------------------------------------------------------------------
-    def _fork(self, pid, ppid, exit_signal):
+    def _fork(self, pid, ppid, exit_signal, shared_fds=False):
+        """Create process pid in its parent, by fork (clone3 with set_tid); shared_fds: with one
+        fd table shared with the parent (CLONE_FILES), which the parent's rebuild then fills."""
         parent = self.remotes[ppid]
         _call(PTRACE_SETOPTIONS, ppid, 0, PTRACE_O_TRACEFORK)
         parent.reset()
         tids = parent.put(struct.pack("<i", pid))
-        args = parent.put(struct.pack("<11Q", 0, 0, 0, 0, exit_signal, 0, 0, 0, tids, 1, 0))
+        args = parent.put(struct.pack("<11Q", CLONE_FILES if shared_fds else 0, 0, 0, 0, exit_signal, 0, 0, 0,
+                                      tids, 1, 0))
         got = parent.call(sysno.clone3, args, 88, what="creating process %d in process %d (clone3 set_tid)"
                           % (pid, ppid), ok_errors=(errno.EEXIST,))
         if got == -errno.EEXIST:
