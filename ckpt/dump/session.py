@@ -31,6 +31,7 @@ from ckpt.kernel import features, pagemap, procfs
 from ckpt.kernel.native import PAGE_SIZE
 from ckpt.kernel.ptrace import find_syscall_insn, sigchld_blocked
 from ckpt.kernel.uffd import USER_MODE_ONLY
+from ckpt.state import parts
 from ckpt.state.inject import Injector
 from ckpt.state.process import dump_process, exe_identity, refuse_namespaces
 from ckpt.state.threads import dump_threads
@@ -268,6 +269,9 @@ class Dump:
 
         def refuse(m):
             refuse_namespaces(m.pid)
+            why = parts.refuse(m.pid)
+            if why:
+                raise TargetError("process %d: %s" % (m.pid, why))
             files.refuse_untrackable(m.pid, maps if m.pid == self.pid else procfs.read_maps(m.pid))
             # every fd described while the target runs; one restore could not rebuild fails
             # the dump up front
@@ -604,8 +608,10 @@ class Dump:
         and give back, scratch bytes on thread stacks)."""
         injector = Injector(m.pid, m.insn)
         try:
-            thread_state = dump_threads(list(m.freezer.threads.values()), injector)
+            tracees = list(m.freezer.threads.values())
+            thread_state = dump_threads(tracees, injector)
             process_state = dump_process(m.pid, m.freezer.leader, injector)
+            parts.dump(parts.Capture(m.pid, m.freezer.leader, tracees, injector, process_state, thread_state))
         finally:
             injector.close()
         process_state["exe_file"] = exe_identity(m.pid)

@@ -29,7 +29,7 @@ from ckpt.restore.creds import acting_as, cap_bits, CAP_NET_ADMIN
 from ckpt.restore.paths import O_PATH, PathOpener
 from ckpt.restore.remote import SCRATCH_SIZE
 from ckpt import files
-from ckpt.state import process, threads
+from ckpt.state import parts, process, threads
 
 PROT = {"r": 1, "w": 2, "x": 4}
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
@@ -102,6 +102,7 @@ class Plan:
                 if pp is root:
                     self.trusted = trusted
                 process.check_cgroups(pp.proc, self.trusted)
+                parts.check(pp.proc, pp.threads)
                 pp.paths = PathOpener(pp.proc["creds"], check_content=not self.opts.allow_file_change)
                 self._open_files(pp)
                 files.precheck(pp.fds, pp.paths, self.opts)
@@ -588,8 +589,10 @@ class Builder:
             _call(PTRACE_SETOPTIONS, self.pid, 0, PTRACE_O_TRACECLONE)
         for t in others:
             threads.create_thread(r, t["tid"])
+        parts.restore(r, self.pp.proc, self.pp.threads, "process")
         for t in self.pp.threads:
             threads.restore_thread_state(r, t)
+        parts.restore(r, self.pp.proc, self.pp.threads, "threads")
         for t in self.pp.threads:
             threads.requeue_signals(r, t, self.pid)
         r.reset()
@@ -603,6 +606,7 @@ class Builder:
         for t in self.pp.threads:
             process.restore_credentials(r, t["tid"], creds)
         process.restore_after_credentials(r, self.pp.proc, self.opts.warn, self.plan.trusted)
+        parts.restore(r, self.pp.proc, self.pp.threads, "last")
         r.call(sysno.munmap, r.scratch, SCRATCH_SIZE, what="munmap of the scratch area")
         r.scratch = None
         for t in self.pp.threads:

@@ -1,0 +1,59 @@
+"""Kinds of process and thread state beyond the core ones (ckpt/state/process.py, threads.py):
+one module each, with its dump half and its restore half side by side, listed once in PARTS.
+
+A part is a class (or module) with any of:
+
+  refuse(pid)                    before the dump touches the target: None, or why this process
+                                 cannot be dumped (a one-line reason naming what it is)
+  dump(ctx)                      in the freeze; ctx: .pid, .leader (a stopped Tracee to inject
+                                 into), .tracees (every thread, stopped), .injector (Injector.run /
+                                 run_all), .record (the process record: add your keys there),
+                                 .threads (the thread records, in .tracees order)
+  restore(remote, proc, threads, stage)
+                                 at restore, in the restored process (remote: ckpt.restore.remote
+                                 .Remote, every thread created and held); stage is one of
+                                   "process"  after the fds and the other threads exist, before
+                                              per-thread state and credentials
+                                   "threads"  after per-thread state, before credentials
+                                   "last"     after the credentials (what needs them or must come
+                                              last: seccomp filters), before the registers
+  check(proc, threads)           at restore, before anything is created: raise RestoreError naming
+                                 what cannot be brought back here
+
+Adding a kind of state: one module in ckpt/state/ and one entry in PARTS.
+"""
+PARTS = []
+
+
+class Capture:
+    """What a part's dump half gets (see the module docstring)."""
+
+    def __init__(self, pid, leader, tracees, injector, record, threads):
+        self.pid, self.leader, self.tracees, self.injector = pid, leader, tracees, injector
+        self.record, self.threads = record, threads
+
+
+def refuse(pid):
+    for p in PARTS:
+        why = getattr(p, "refuse", None) and p.refuse(pid)
+        if why:
+            return why
+    return None
+
+
+def dump(ctx):
+    for p in PARTS:
+        if hasattr(p, "dump"):
+            p.dump(ctx)
+
+
+def check(proc, threads):
+    for p in PARTS:
+        if hasattr(p, "check"):
+            p.check(proc, threads)
+
+
+def restore(remote, proc, threads, stage):
+    for p in PARTS:
+        if hasattr(p, "restore"):
+            p.restore(remote, proc, threads, stage)
