@@ -120,6 +120,7 @@ class Dump:
         self.rounds = []          # per round: {"round", "pages", "ms"}
         self.mode = None
         self.spare = []           # buffers for the frozen phase's copy, shared by the copiers
+        self.stops = []           # every stop of the target's threads: {"what", "pid", "ms"}
         self.t0 = time.perf_counter()
         self.result = {}
 
@@ -325,20 +326,31 @@ class Dump:
         self._progress(event="arm", pages=sum(pagemap.count_pages(runs) for _, runs in work))
         self._copy_round(0, work, t_start=t)
 
+    def _stopped(self, what, pid, freezer=None, ms=None):
+        """Every stop of the target's threads, counted (the freeze is one): what, pid, ms."""
+        if ms is None:
+            if freezer.t_first_interrupt is None or freezer.t_release is None:
+                return
+            ms = (freezer.t_release - freezer.t_first_interrupt) * 1000
+        self.stops.append({"what": what, "pid": pid, "ms": round(ms, 3)})
+
     def _arm_member(self, m):
         flags = O_CLOEXEC | O_NONBLOCK
         if self.mode == "async":
             flags |= USER_MODE_ONLY
+        t = time.perf_counter()
         fd = steal_uffd(m.pid, procfs.read_maps(m.pid), flags, check=self._check)
+        # one thread stopped for the uffd's creation (an upper bound: seize and release included)
+        self._stopped("uffd", m.pid, ms=(time.perf_counter() - t) * 1000)
         try:
             m.tracker = (AsyncTracker if self.mode == "async" else SyncTracker)(fd, m.pid)
         except BaseException:
             os.close(fd)
             raise
-        ok = self._register_stopped(m)
+        ok = self._register_stopped(m, what="arm")
         return copymod.content_runs(m.tracker.pm, ok)
 
-    def _register_stopped(self, m, rescan=()):
+    def _register_stopped(self, m, rescan=(), what="rearm"):
         """Register every trackable mapping not registered yet (and those overlapping `rescan`)
         with all threads stopped, from a maps listing read while they are stopped.
 
@@ -358,6 +370,7 @@ class Dump:
             ok, _refused = m.tracker.register(cand)
         finally:
             stop.thaw()
+            self._stopped(what, m.pid, stop)
         m.suspect = m.tracker.protect(ok)
         return ok
 
@@ -550,6 +563,11 @@ class Dump:
         self.result.update({
             "pid": self.pid, "mode": self.mode, "image": os.path.abspath(self.opts.output),
             "freeze_ms": round(freeze_ms, 3),
+            # every stop of the target's threads, the freeze last (the target's clients see them all)
+            "stops": self.stops + [{"what": "freeze", "pid": self.pid, "ms": round(freeze_ms, 3)}],
+            "stops_ms": [x["ms"] for x in self.stops] + [round(freeze_ms, 3)],
+            "max_stop_ms": round(max([x["ms"] for x in self.stops] + [freeze_ms]), 3),
+            "stopped_total_ms": round(sum(x["ms"] for x in self.stops) + freeze_ms, 3),
             "processes": list(self.members), "zombies": [z["pid"] for z in self.zombies],
             "rounds": [r["pages"] for r in self.rounds],
             "round_ms": [r["ms"] for r in self.rounds],
@@ -606,7 +624,9 @@ class Dump:
     def _capture_state(self, m):
         """Thread and process state of a frozen member, through injected syscalls (which borrow,
         and give back, scratch bytes on thread stacks)."""
-        injector = Injector(m.pid, m.insn)
+        # a long batch (many signal handlers) runs as one piece of code, mapped and unmapped in
+        # the freeze: the running process never sees it (ckpt/state/blob.py)
+        injector = Injector(m.pid, m.insn, use_blob=True)
         try:
             tracees = list(m.freezer.threads.values())
             thread_state = dump_threads(tracees, injector)
@@ -656,11 +676,13 @@ class Dump:
                 m.fdctx.resuming()
             for m in self.members.values():
                 m.freezer.thaw()
+            self.t_release = time.perf_counter()
         else:
             # children first: a parent killed first would leave them to be reaped elsewhere
             for m in reversed(list(self.members.values())):
                 m.freezer.kill()
-        self.t_release = time.perf_counter()
+        if not self.opts.leave_running:
+            self.t_release = time.perf_counter()
         for m in self.members.values():
             m.fdctx.close()
             tr, m.tracker = m.tracker, None

@@ -18,16 +18,45 @@ class Out:
         self.size = (size + 15) & ~15
 
 
+class BlobTooSmall(Exception):
+    pass
+
+
+# a batch of at least this many syscalls in one thread runs as a blob (ckpt/state/blob.py): below
+# it, mapping and unmapping the blob (two injected calls) costs more than single-stepping saves
+BLOB_MIN_CALLS = 12
+
+
 class Injector:
-    def __init__(self, pid, syscall_insn, mem=None):
+    """Syscalls run in stopped threads of one process. use_blob: a long batch runs as one piece
+    of code in the thread (a blob mapped for it, unmapped at close(), which must come while the
+    thread is still stopped) instead of one single-step per syscall."""
+
+    def __init__(self, pid, syscall_insn, mem=None, use_blob=False):
         self.pid = pid
         self.insn = syscall_insn
+        self.use_blob = use_blob
+        self.blob = None
+        self._blob_tracee = None
         self._own_mem = mem is None
         self.mem = mem or MemIO(pid, write=True)
 
     def close(self):
-        if self._own_mem:
-            self.mem.close()
+        try:
+            if self.blob is not None:
+                self.blob.remove(self._blob_tracee, self.insn)
+        finally:
+            self.blob = None
+            if self._own_mem:
+                self.mem.close()
+
+    def _want_blob(self, jobs):
+        if self.blob is None and self.use_blob and max(len(c) for _, c in jobs) >= BLOB_MIN_CALLS:
+            from ckpt.state import blob as blob_mod
+            if blob_mod.usable(self.pid):
+                self.blob = blob_mod.Blob.create(self.pid, jobs[0][0], self.insn, self.mem)
+                self._blob_tracee = jobs[0][0]
+        return self.blob is not None
 
     def run(self, tracee, calls):
         """Run [(nr, args)] in one stopped thread; see run_all."""
@@ -37,6 +66,11 @@ class Injector:
         """Run [(nr, args)] in each of several stopped threads (jobs: [(tracee, calls)]), all at
         once. An Out(size) among args is replaced by an address in that thread's scratch area;
         returns per job [(result, bytes of that Out or None)]."""
+        if jobs and self._want_blob(jobs):
+            try:
+                return self._run_blob(jobs)
+            except BlobTooSmall:
+                pass        # many threads: one single-step per syscall, as without a blob
         from ckpt.kernel.ptrace import inject_parallel
         prepared, scratches = [], []
         try:
@@ -73,6 +107,38 @@ class Injector:
         finally:
             for scratch, saved in scratches:
                 self._io(self.mem.write_runs, scratch, saved)
+
+    def _run_blob(self, jobs):
+        """run_all with the blob: Out buffers in its data half, one run per thread."""
+        n = len(jobs)
+        prepared, slots_of = [], []
+        for j, (tracee, calls) in enumerate(jobs):
+            placed, slots, off = [], [], 0
+            for nr, args in calls:
+                real, slot = [], None
+                for a in args:
+                    if isinstance(a, Out):
+                        slot = (off, a.size)
+                        real.append(self.blob.data_addr(j, off, n))
+                        off += a.size
+                    else:
+                        real.append(a)
+                placed.append((nr, real))
+                slots.append(slot)
+            prepared.append((tracee, placed))
+            slots_of.append((slots, off))
+        if max(size for _, size in slots_of) > self.blob.data_room(n):
+            raise BlobTooSmall()
+        try:
+            results = self.blob.run_all(prepared)
+        except ValueError:
+            raise BlobTooSmall() from None
+        out = []
+        for j, (res, (slots, size)) in enumerate(zip(results, slots_of)):
+            base = self.blob.data_addr(j, 0, n) - self.blob.addr
+            data = self.blob.read(base, size) if size else b""
+            out.append([(r, bytes(data[s[0]:s[0] + s[1]]) if s else None) for r, s in zip(res, slots)])
+        return out
 
     @staticmethod
     def _io(op, addr, buf):

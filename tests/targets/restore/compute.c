@@ -93,6 +93,38 @@ static void *worker(void *arg)
 	return NULL;
 }
 
+/* 16 real-time signal handlers, each with its own flags and mask: the dump reads them in one
+ * batch long enough to run as a blob (ckpt/state/blob.py); checked before "done" */
+#define NHANDLERS 16
+static void on_rt(int sig, siginfo_t *si, void *ctx)
+{
+	(void)sig; (void)si; (void)ctx;
+}
+
+static void install_handlers(void)
+{
+	for (int i = 0; i < NHANDLERS; i++) {
+		struct sigaction sa;
+		memset(&sa, 0, sizeof(sa));
+		sa.sa_sigaction = on_rt;
+		sa.sa_flags = SA_SIGINFO | (i & 1 ? SA_RESTART : 0) | (i & 2 ? SA_NODEFER : 0);
+		sigemptyset(&sa.sa_mask);
+		sigaddset(&sa.sa_mask, 1 + i % 15);
+		sigaction(SIGRTMIN + i, &sa, NULL);
+	}
+}
+
+static void check_handlers(void)
+{
+	for (int i = 0; i < NHANDLERS; i++) {
+		struct sigaction sa;
+		sigaction(SIGRTMIN + i, NULL, &sa);
+		int flags = SA_SIGINFO | (i & 1 ? SA_RESTART : 0) | (i & 2 ? SA_NODEFER : 0);
+		if (sa.sa_sigaction != on_rt || (sa.sa_flags & flags) != flags || !sigismember(&sa.sa_mask, 1 + i % 15))
+			printf("BAD handler of signal %d\n", SIGRTMIN + i);
+	}
+}
+
 int main(int argc, char **argv)
 {
 	if (argc < 7 || argc > 9) {
@@ -108,6 +140,7 @@ int main(int argc, char **argv)
 	pause_us = argc > 7 ? atol(argv[7]) : 0;
 	credit = argc > 8 ? atol(argv[8]) : 0;
 	rs_init();
+	install_handlers();
 	struct sigaction sa;
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_handler = on_usr1;
@@ -128,6 +161,7 @@ int main(int argc, char **argv)
 	worker((void *)0);
 	for (int t = 1; t < nthreads; t++)
 		pthread_join(th[t], NULL);
+	check_handlers();
 	printf("done %016llx\n", (unsigned long long)result);
 	return exit_code;
 }
