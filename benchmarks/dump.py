@@ -278,6 +278,10 @@ def summarize(dumps):
         "rounds": med([len(d["rounds"]) for d in dumps]),
         "final_pages": med([d["rounds"][-1] for d in dumps]),
         "breakdown_ms": {},
+        # every stop of the target (arm, re-arm, the uffd's creation, the freeze)
+        "max_stop_ms": med([d.get("max_stop_ms") for d in dumps]),
+        "stops": med([len(d.get("stops_ms", [])) for d in dumps]),
+        "stopped_total_ms": med([d.get("stopped_total_ms") for d in dumps]),
     }
     for ph in PHASES:
         s["breakdown_ms"][ph] = med([d.get("freeze_breakdown_ms", {}).get(ph) for d in dumps])
@@ -396,6 +400,22 @@ def tables(results, reps):
             out.append("| %s | %d | %s | %s | %.2f | %s |" % (
                 size, c["threads"], load_name(c["load"]), name, s["freeze_ms"],
                 " | ".join(fmt(s["breakdown_ms"].get(p), ".2f") for p in cols)))
+    out.append("")
+    out.append("### Every stop of the target (live dumps, medians)")
+    out.append("")
+    out.append("Besides the freeze, the target's threads stop while the uffd is created and while "
+               "mappings are registered (arm, and re-arm in rounds that find new mappings).")
+    out.append("")
+    out.append("| size | threads | load | freeze (ms) | longest stop (ms) | stops | stopped in all (ms) | longest / freeze |")
+    out.append("|---:|---:|---|---:|---:|---:|---:|---:|")
+    for c in results:
+        s_ = c.get("live_summary")
+        if not s_ or s_.get("max_stop_ms") is None:
+            continue
+        size = "%d MiB" % c["size_mb"] if c["size_mb"] < 1024 else "%g GiB" % (c["size_mb"] / 1024)
+        out.append("| %s | %d | %s | %.2f | %.2f | %s | %.2f | %.2f |" % (
+            size, c["threads"], load_name(c["load"]), s_["freeze_ms"], s_["max_stop_ms"], fmt(s_["stops"], ".0f"),
+            s_["stopped_total_ms"], s_["max_stop_ms"] / s_["freeze_ms"] if s_["freeze_ms"] else 0))
     errors = [(c, e) for c in results for e in c["errors"]]
     if errors:
         out.append("")

@@ -97,6 +97,8 @@ def dump(pid, output, leave_running, max_pause, rounds, mode, verify, compress, 
                                           ("; zombies: %s" % " ".join(map(str, res["zombies"]))) if res["zombies"] else ""))
     click.echo("  rounds (pages): %s" % ", ".join(str(r) for r in res["rounds"]))
     click.echo("  freeze window: %.3f ms" % res["freeze_ms"])
+    click.echo("  every stop of the target: %d, longest %.3f ms, %.3f ms in all"
+               % (len(res["stops_ms"]), res["max_stop_ms"], res["stopped_total_ms"]))
     click.echo("  pages written: %d (%.1f MiB), image %.1f MiB, live copy %s GB/s, total %.2f s"
                % (res["pages_written"], res["bytes_written"] / 2**20, res["image_bytes"] / 2**20,
                   res["live_copy_gbps"], res["elapsed_s"]))
