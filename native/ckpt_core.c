@@ -656,3 +656,61 @@ int64_t ck_cow_shared(int child_pm, int parent_pm, uint64_t start, uint64_t end,
 	}
 	return n;
 }
+
+/* --------------------------------------------- per-thread state, in the freeze */
+
+/*
+ * What the freeze reads of one stopped thread with ptrace, in one call: the general registers
+ * (struct user_regs_struct, 27 words), the xstate area (up to xstate_cap bytes), the signal
+ * mask, the rseq configuration, the robust list, the signals queued for the thread alone (up to
+ * sig_cap siginfos of 128 bytes) and the siginfo of the stop itself. Fields that cannot be read
+ * are left zero with their flag bit clear. Returns 0 or -errno (the registers are required).
+ */
+#include <sys/user.h>
+#include <elf.h>
+#include <linux/ptrace.h>
+
+struct ck_rseq_conf {
+	uint64_t ptr;
+	uint32_t size, sig, flags, pad;
+};
+
+int ck_thread_state(int tid, struct ck_thread *t, uint8_t *xstate, int64_t xstate_cap, uint8_t *sigs, int32_t sig_cap)
+{
+	memset(t, 0, sizeof(*t));
+	if (ptrace(PTRACE_GETREGS, tid, 0, t->regs) < 0)
+		return -errno;
+	struct iovec iov = { .iov_base = xstate, .iov_len = (size_t)xstate_cap };
+	if (ptrace(PTRACE_GETREGSET, tid, (void *)NT_X86_XSTATE, &iov) == 0)
+		t->xstate_len = (int64_t)iov.iov_len;
+	if (ptrace(PTRACE_GETSIGMASK, tid, (void *)8, &t->sigmask) == 0)
+		t->have |= 1;
+	struct ck_rseq_conf rc;
+	memset(&rc, 0, sizeof(rc));
+	long n = ptrace(0x420f /* PTRACE_GET_RSEQ_CONFIGURATION */, tid, (void *)sizeof(rc), &rc);
+	if (n > 0 && rc.ptr) {
+		t->have |= 2;
+		t->rseq_ptr = rc.ptr;
+		t->rseq_size = rc.size;
+		t->rseq_sig = rc.sig;
+	}
+	void *h = NULL;
+	size_t l = 0;
+	if (syscall(SYS_get_robust_list, tid, &h, &l) == 0) {
+		t->have |= 4;
+		t->robust_head = (uint64_t)(uintptr_t)h;
+		t->robust_len = (uint64_t)l;
+	}
+	int32_t got = 0;
+	while (got < sig_cap) {
+		struct ptrace_peeksiginfo_args a = { .off = (uint64_t)got, .flags = 0, .nr = sig_cap - got };
+		long k = ptrace(PTRACE_PEEKSIGINFO, tid, &a, sigs + (size_t)got * 128);
+		if (k <= 0)
+			break;
+		got += (int32_t)k;
+	}
+	t->nsigs = got;
+	if (ptrace(PTRACE_GETSIGINFO, tid, 0, t->stop_siginfo) == 0)
+		t->have |= 8;
+	return 0;
+}

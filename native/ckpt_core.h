@@ -43,3 +43,16 @@ int64_t ck_tracker_faults(struct ck_tracker *t);
 int ck_tracker_error(struct ck_tracker *t);
 void ck_tracker_stop(struct ck_tracker *t);
 int64_t ck_cow_shared(int child_pm, int parent_pm, uint64_t start, uint64_t end, uint64_t *out, int64_t cap);
+
+struct ck_thread {
+	uint64_t regs[27];
+	int64_t xstate_len;
+	uint64_t sigmask;
+	uint64_t rseq_ptr;
+	uint32_t rseq_size, rseq_sig;
+	uint64_t robust_head, robust_len;
+	int32_t nsigs;
+	int32_t have;           /* 1 sigmask, 2 rseq, 4 robust list, 8 stop siginfo */
+	uint8_t stop_siginfo[128];
+};
+int ck_thread_state(int tid, struct ck_thread *t, uint8_t *xstate, int64_t xstate_cap, uint8_t *sigs, int32_t sig_cap);

@@ -33,7 +33,7 @@ from ckpt.kernel.ptrace import find_syscall_insn, sigchld_blocked
 from ckpt.kernel.uffd import USER_MODE_ONLY
 from ckpt.state import parts
 from ckpt.state.inject import Injector
-from ckpt.state.process import dump_process, exe_identity, refuse_namespaces
+from ckpt.state.process import exe_identity, process_calls, process_record, refuse_namespaces
 from ckpt.state.threads import dump_threads
 
 TRACKABLE = ("anon", "file-private")
@@ -629,8 +629,11 @@ class Dump:
         injector = Injector(m.pid, m.insn, use_blob=True)
         try:
             tracees = list(m.freezer.threads.values())
-            thread_state = dump_threads(tracees, injector)
-            process_state = dump_process(m.pid, m.freezer.leader, injector)
+            leader = m.freezer.leader
+            # one batch: every thread's own calls, the main thread the process's too
+            pcalls, pctx = process_calls(m.pid)
+            thread_state, pres = dump_threads(tracees, injector, extra=(leader, pcalls))
+            process_state = process_record(m.pid, leader, pctx, pres)
             parts.dump(parts.Capture(m.pid, m.freezer.leader, tracees, injector, process_state, thread_state))
         finally:
             injector.close()

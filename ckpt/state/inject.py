@@ -24,7 +24,7 @@ class BlobTooSmall(Exception):
 
 # a batch of at least this many syscalls in one thread runs as a blob (ckpt/state/blob.py): below
 # it, mapping and unmapping the blob (two injected calls) costs more than single-stepping saves
-BLOB_MIN_CALLS = 12
+BLOB_MIN_CALLS = 10
 
 
 class Injector:

@@ -84,10 +84,10 @@ def credentials(pid):
     return credentials_from_status(procfs.status(pid))
 
 
-def dump_process(pid, leader, injector):
+def process_calls(pid):
+    """The syscalls the process record needs injected (in its main thread), and what the
+    record is made of with their results (process_record)."""
     st = procfs.status(pid)
-    stat = procfs.stat_fields(pid)
-    mm = procfs.mm_fields(pid)
     sigs = [s for s in sorted(set(_mask_bits(st["SigCgt"]) + _mask_bits(st["SigIgn"]))) if s not in (SIGKILL, SIGSTOP)]
     calls = [(SYS_brk, (0,))]
     calls += [(SYS_rt_sigaction, (sig, 0, Out(32), 8)) for sig in sigs]
@@ -96,7 +96,14 @@ def dump_process(pid, leader, injector):
     # per-thread prctl; the dumpable flag belongs to the whole process (its mm)
     calls += [(SYS_prctl, (PR_GET_PDEATHSIG, Out(4), 0, 0, 0)), (SYS_prctl, (PR_GET_CHILD_SUBREAPER, Out(4), 0, 0, 0))]
     calls += [(SYS_prctl, (PR_GET_SECUREBITS, 0, 0, 0, 0)), (SYS_prctl, (PR_GET_DUMPABLE, 0, 0, 0, 0))]
-    res = injector.run(leader, calls)
+    return calls, (st, sigs)
+
+
+def process_record(pid, leader, ctx, res):
+    """The process record from process_calls' context and the injected calls' results."""
+    st, sigs = ctx
+    stat = procfs.stat_fields(pid)
+    mm = procfs.mm_fields(pid)
     mm["brk"] = res[0][0]
     (r_pd, pdeathsig), (r_sr, subreaper), (securebits, _), (dumpable, _) = res[-4:]
     handlers = {}

@@ -5,13 +5,14 @@ Dump half: read from a thread in a ptrace-stop. Restore half: see ckpt.restore.
 """
 import base64
 import ctypes
+import os
 import struct
 
 from ptrace.error import PtraceError
 
 from ckpt.kernel import procfs
 from ckpt.kernel.native import ffi, lib
-from ckpt.kernel.ptrace import _call, peek_siginfo, regs_to_dict
+from ckpt.kernel.ptrace import _call, regs_to_dict, user_regs_struct
 from ckpt.state.inject import Out, u64
 
 SYS_sigaltstack = 131
@@ -36,34 +37,58 @@ def group_stop(tid):
     return signo if code >> 8 == PTRACE_EVENT_STOP and signo in STOP_SIGNALS else 0
 
 
-def dump_threads(tracees, injector):
+XSTATE_MAX = 8192
+SIGS_MAX = 256
+
+
+def _stop_signal(siginfo):
+    """group_stop's answer from the stop's siginfo (see group_stop)."""
+    signo, _, code = struct.unpack_from("<iii", siginfo)
+    return signo if code >> 8 == PTRACE_EVENT_STOP and signo in STOP_SIGNALS else 0
+
+
+def _read_thread(t, st, xstate, sigs):
+    """Everything ptrace tells of one stopped thread, in one native call (ck_thread_state)."""
+    r = lib.ck_thread_state(t.tid, st, xstate, XSTATE_MAX, sigs, SIGS_MAX)
+    if r < 0:
+        raise ProcessLookupError(-r, "thread %d: its registers cannot be read: %s" % (t.tid, os.strerror(-r)))
+    d = {
+        "tid": t.tid,
+        "regs": regs_to_dict(user_regs_struct.from_buffer_copy(bytes(ffi.buffer(st.regs)))),
+        "xstate": base64.b64encode(bytes(ffi.buffer(xstate, st.xstate_len))).decode(),
+        "sigmask": st.sigmask,
+        "rseq": ({"ptr": st.rseq_ptr, "size": st.rseq_size, "sig": st.rseq_sig, "flags": 0}
+                 if st.have & 2 else None),
+        "signals": [base64.b64encode(bytes(ffi.buffer(sigs + i * 128, 128))).decode() for i in range(st.nsigs)],
+        "stop_signal": t.pending_signal,   # taken off the queue by a signal-delivery-stop
+        "comm": procfs.comm(t.tid),
+        "group_stop": _stop_signal(bytes(ffi.buffer(st.stop_siginfo))) if st.have & 8 else 0,
+    }
+    if st.have & 4:
+        d["robust_list"] = {"head": st.robust_head, "len": st.robust_len}
+    return d
+
+
+def dump_threads(tracees, injector, extra=None):
     """State of every stopped thread. The two per-thread injected calls (clear-child-tid address,
-    alternate signal stack) run in all threads at once."""
-    out = []
-    for t in tracees:
-        d = {
-            "tid": t.tid,
-            "regs": regs_to_dict(t.get_regs()),
-            "xstate": base64.b64encode(t.get_xstate()).decode(),
-            "sigmask": t.get_sigmask(),
-            "rseq": t.get_rseq(),
-            "signals": [base64.b64encode(s).decode() for s in peek_siginfo(t.tid)],
-            "stop_signal": t.pending_signal,   # taken off the queue by a signal-delivery-stop
-            "comm": procfs.comm(t.tid),
-            "group_stop": group_stop(t.tid),
-        }
-        head, length = ffi.new("uint64_t *"), ffi.new("uint64_t *")
-        if lib.ck_get_robust_list(t.tid, head, length) == 0:
-            d["robust_list"] = {"head": head[0], "len": length[0]}
-        out.append(d)
+    alternate signal stack) run in all threads at once. extra: (tracee, calls) run in that
+    thread after its own, in the same batch (the process record's: one batch in all, which a
+    blob runs in one go); returns (thread records, extra's results) then."""
+    st = ffi.new("struct ck_thread *")
+    xstate = ffi.new("uint8_t[]", XSTATE_MAX)
+    sigs = ffi.new("uint8_t[]", SIGS_MAX * 128)
+    out = [_read_thread(t, st, xstate, sigs) for t in tracees]
     calls = [(SYS_prctl, (PR_GET_TID_ADDRESS, Out(8))), (SYS_sigaltstack, (0, Out(24)))]
-    results = injector.run_all([(t, calls) for t in tracees])
-    for d, ((r1, tidaddr), (r2, alt)) in zip(out, results):
+    results = injector.run_all([(t, calls + (extra[1] if extra and t is extra[0] else [])) for t in tracees])
+    more = None
+    if extra:
+        more = next(r[len(calls):] for t, r in zip(tracees, results) if t is extra[0])
+    for d, ((r1, tidaddr), (r2, alt), *_rest) in zip(out, results):
         d["tid_address"] = u64(tidaddr) if r1 == 0 else None
         if r2 == 0:
             sp, flags, _, size = struct.unpack_from("<QiiQ", alt)
             d["altstack"] = {"sp": sp, "flags": flags, "size": size}
-    return out
+    return (out, more) if extra else out
 
 
 # ---------------------------------------------------------------------------- restore half
