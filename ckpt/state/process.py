@@ -121,7 +121,7 @@ def process_record(pid, leader, ctx, res):
         personality = int(open(procfs.proc(pid, "personality")).read(), 16)
     except OSError:
         personality = 0
-    creds = credentials(pid)
+    creds = credentials_from_status(st)      # read before the injection: no change while frozen
     if securebits >= 0:
         creds["securebits"] = securebits
     return {
