@@ -60,6 +60,8 @@ C_TARGETS = {
     "names": [],
     "confine": [],
     "treeunix": [],
+    "fdflags": [],
+    "fifo": [],
     "fpavx": ["-frounding-math"] + FP_FLAGS,
 }
 

@@ -27,6 +27,7 @@ from ckpt.files import inet, tcp
 from ckpt.files import epoll, eventfd, signalfd, timerfd
 from ckpt.files.regular import CharDevice, Directory, RegularFile
 from ckpt.files.memfd import Memfd
+from ckpt.files import owner as fd_owner
 from ckpt.files.unsupported import AnonInode, OtherSocket
 from ckpt.kernel import procfs, sysno
 from ckpt.kernel.native import ffi, lib
@@ -180,7 +181,7 @@ def _entry(f, described):
     entry["pos"] = f.pos
     entry["inherit"] = bool(_stdio_inherited(f, kind, entry))
     if not entry["inherit"]:
-        why = kind.refuse(f, entry)
+        why = kind.refuse(f, entry) or fd_owner.capture(f, entry)
         if why:
             raise TargetError("process %d: fd %d is a %s (%s): %s" % (f.pid, f.fd, kind.name, f.link, why))
     return kind, entry
@@ -278,6 +279,7 @@ def restore_fds(remote, table_entries, options=None, paths=None, tree=None):
         remote.call(sysno.dup2, fd, n, what="dup2 onto fd %d" % n)
         remote.call(sysno.fcntl, n, F_SETFL, e["flags"] & ~(O_ACCMODE | O_CLOEXEC), what="fcntl(F_SETFL) of fd %d" % n)
         remote.call(sysno.fcntl, n, F_SETFD, 1 if e["flags"] & O_CLOEXEC else 0, what="fcntl(F_SETFD) of fd %d" % n)
+        fd_owner.restore(remote, n, e)
         if e["kind"] in ("file", "memfd") and e["pos"] and not e.get("inherit"):
             remote.call(sysno.lseek, n, e["pos"], 0, what="lseek of fd %d" % n)
     for fd in set(table.parked):
