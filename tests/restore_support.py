@@ -62,6 +62,8 @@ C_TARGETS = {
     "treeunix": [],
     "fdflags": [],
     "fifo": [],
+    "inotify": [],
+    "deleted": [],
     "fpavx": ["-frounding-math"] + FP_FLAGS,
 }
 

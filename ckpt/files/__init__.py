@@ -25,6 +25,7 @@ from ckpt.files.pipe import Pipe
 from ckpt.files.unix import UnixSocket
 from ckpt.files import inet, tcp
 from ckpt.files import epoll, eventfd, signalfd, timerfd
+from ckpt.files.inotify import Inotify
 from ckpt.files.regular import CharDevice, Directory, RegularFile
 from ckpt.files.memfd import Memfd
 from ckpt.files import owner as fd_owner
@@ -40,6 +41,7 @@ KINDS = [
     inet.InetSocket, tcp.TcpConnection,
     OtherSocket,
     eventfd.EventFd, timerfd.TimerFd, signalfd.SignalFd, epoll.Epoll,
+    Inotify,
     AnonInode,
     RegularFile,
     Directory,
