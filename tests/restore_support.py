@@ -63,7 +63,6 @@ C_TARGETS = {
     "fdflags": [],
     "fifo": [],
     "inotify": [],
-    "deleted": [],
     "fpavx": ["-frounding-math"] + FP_FLAGS,
 }
 
