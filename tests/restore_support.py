@@ -63,6 +63,10 @@ C_TARGETS = {
     "fdflags": [],
     "fifo": [],
     "inotify": [],
+    "memkinds": [],
+    "madv": [],
+    "growsdown": [],
+    "deleted": [],
     "fpavx": ["-frounding-math"] + FP_FLAGS,
 }
 

@@ -77,9 +77,10 @@ def content_runs(pm, vmas, pid=None):
         k = v.kind
         if k == "anon":
             anon.append((v.start, v.end))
-        elif k == "file-private" and not v.deleted:
+        elif k == "file-private":
+            # (a deleted file too: the image holds the file itself, ckpt/state/deleted.py)
             cow.append((v.start, v.end))
-        elif k == "shmem" or (k == "file-private" and v.deleted):
+        elif k == "shmem":
             data = shmem_runs(pid, v) if (k == "shmem" and pid is not None) else None
             whole += [(v.start, v.size)] if data is None else data
     runs = []
@@ -144,7 +145,7 @@ class Copier:
         cstarts = [c[0] for c in copied]
         zero, reread = [], []
         for v in vmas:
-            if v.kind not in ("anon", "file-private") or (v.kind == "file-private" and v.deleted):
+            if v.kind not in ("anon", "file-private"):
                 continue    # copied whole, every page
             out = zero if v.kind == "anon" else reread
             i = max(0, bisect.bisect_right(starts, v.start) - 1)

@@ -13,6 +13,7 @@ from ckpt.dump.copy import emit_pages, merge_ranges, shmem_runs
 from ckpt.errors import TargetError
 from ckpt.kernel import procfs
 from ckpt.kernel.native import PAGE_SIZE, ffi, lib
+from ckpt.state import deleted
 
 # address spaces of shared memory objects in the image (SPACE records): this bit, then the index
 SHM_SPACE = 1 << 62
@@ -153,10 +154,14 @@ class SharedMemory:
 
     def add(self, pid, maps):
         for v in maps:
-            if v.kind != "shmem":
+            whole = deleted.whole_file(v)   # a deleted file: all of it, from the file (ckpt/state/deleted.py)
+            if v.kind != "shmem" and not whole:
                 continue
             obj = self._object(v.dev, v.inode, v.path)
-            obj["size"] = max(obj["size"], v.offset + v.size)
+            if whole:
+                deleted.note(obj, pid, v)
+            else:
+                obj["size"] = max(obj["size"], v.offset + v.size)
             obj["maps"].append((pid, v))
 
     def add_fds(self, pid, table):
@@ -176,7 +181,11 @@ class SharedMemory:
         pages = 0
         for obj in self.objects.values():
             if obj["fds"]:
+                deleted.close(obj)
                 pages += self._copy_file(obj, *obj["fds"][0])
+                continue
+            if "file" in obj:
+                pages += deleted.copy(self.writer, obj, emit_pages, data_ranges, COPY_CHUNK)
                 continue
             covered = []
             for pid, v in obj["maps"]:
@@ -219,6 +228,7 @@ class SharedMemory:
             if o["path"].startswith("/memfd:"):
                 rec["name"] = o["path"][len("/memfd:"):].rsplit(" (deleted)", 1)[0]
                 rec["seals"] = o["seals"]
+            deleted.record(rec, o)
             out.append(rec)
         return out
 

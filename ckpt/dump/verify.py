@@ -40,7 +40,7 @@ class _Expected:
         """Fill out[0:end-start] with the expected content."""
         n = end - start
         # source first
-        if vma.kind == "file-private" and not vma.deleted and file_fd is not None:
+        if vma.kind == "file-private" and file_fd is not None:
             data = os.pread(file_fd, n, vma.offset + (start - vma.start))
             out[:len(data)] = data
             out[len(data):n] = bytes(n - len(data))
@@ -111,7 +111,7 @@ def verify_frozen(pid, maps, reader, shm=None, inherit=None):
                     shared[space] = _Expected(pid, reader, space)
                 exp = shared[space]
                 exp.shift = vma.offset - vma.start
-            if vma.kind in ("anon", "file-private") and not vma.deleted:
+            if vma.kind in ("anon", "file-private"):
                 present = [(s, e) for s, e, _ in pm.scan([(vma.start, vma.end)],
                                                          anyof=pagemap.PRESENT | pagemap.SWAPPED,
                                                          ret_mask=pagemap.PRESENT)]
@@ -127,7 +127,7 @@ def verify_frozen(pid, maps, reader, shm=None, inherit=None):
                     held = [(s - d, e - d) for s, e in exp.image_runs(vma.start + d, vma.end + d)]
                     runs = merge_ranges([(a, a + n) for a, n in data] + held)
             file_fd = None
-            if vma.kind == "file-private" and not vma.deleted:
+            if vma.kind == "file-private":
                 try:
                     file_fd = os.open(procfs.proc(pid, "map_files", "%x-%x" % (vma.start, vma.end)), os.O_RDONLY)
                 except OSError:

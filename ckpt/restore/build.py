@@ -29,7 +29,7 @@ from ckpt.restore.creds import acting_as, cap_bits, CAP_NET_ADMIN
 from ckpt.restore.paths import O_PATH, PathOpener
 from ckpt.restore.remote import SCRATCH_SIZE
 from ckpt import files
-from ckpt.state import parts, process, threads
+from ckpt.state import deleted, parts, process, threads, vmflags
 
 PROT = {"r": 1, "w": 2, "x": 4}
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
@@ -69,6 +69,9 @@ class ProcPlan:
         self.pid = proc["pid"]
         self.paths = None
         self.cow = [tuple(r) for r in cow or []]    # pages it shares with its parent (copy-on-write)
+        self.vmflags = None     # vmflags.Table, once the record is checked
+        self.map_keys = {}      # start of a mapped file's mapping -> its key in paths (file, access mode)
+        self.exe_object = None  # (dev, inode) of its deleted executable, made again (Plan.shared_memory)
 
 
 class Plan:
@@ -135,15 +138,36 @@ class Plan:
         access mode, the executable, the working and root directories. The fd table's files
         are opened by their kinds (prepare)."""
         p = pp.proc
+        pp.vmflags = vmflags.Table(p)
         for m in pp.maps:
             if m["kind"] not in ("file-private", "file-shared") or _deleted(m):
                 continue
             fid = m.get("file") or {}
-            mode = _map_mode(m)
-            pp.paths.open(("map", m["path"], mode), m["path"], mode, fid, "mapped file", content=True)
+            mode = _map_mode(m, pp.vmflags.of(m))
+            key = ("map", m["path"], mode)
+            try:
+                pp.paths.open(key, m["path"], mode, fid, "mapped file", content=True)
+            except RestoreError as e:
+                if mode != O_RDWR or "w" in m["perms"]:
+                    raise
+                # opened read-write at the dump for a mapping not writable now: the process may
+                # no longer open it so; the mapping comes back, only not able to become writable
+                key = ("map", m["path"], O_RDONLY)
+                pp.paths.open(key, m["path"], O_RDONLY, fid, "mapped file", content=True)
+                self.opts.warn("ckpt: warning: process %d: the shared mapping %#x-%#x of %s comes back from the file "
+                               "opened read-only (%s): it can no longer be made writable"
+                               % (pp.pid, m["start"], m["end"], m["path"], e))
+            pp.map_keys[m["start"]] = key
         if p.get("exe_file"):
-            pp.paths.open("exe", p["exe"], O_RDONLY, p["exe_file"], "executable", content=True)
-        pp.paths.open("cwd", p["cwd"], O_PATH, p.get("cwd_file") or {}, "working directory", kind="dir")
+            # a deleted executable is one of its deleted mapped files, made again (deleted.py)
+            pp.exe_object = deleted.exe_object(p, pp.maps)
+            if pp.exe_object is None:
+                pp.paths.open("exe", p["exe"], O_RDONLY, p["exe_file"], "executable", content=True)
+        if p.get("cwd_deleted"):
+            # a deleted working directory: a new one, deleted too (ckpt/state/deleted.py)
+            pp.paths.held["cwd"] = deleted.ghost_dir(p)
+        else:
+            pp.paths.open("cwd", p["cwd"], O_PATH, p.get("cwd_file") or {}, "working directory", kind="dir")
         if p.get("root", "/") != "/":
             pp.paths.open("root", p["root"], O_PATH, p.get("root_file") or {}, "root directory", kind="dir")
 
@@ -161,9 +185,15 @@ class Plan:
         processes take when they map them); none in an image that keeps them per process."""
         if self.shm_records is None:
             return
+        creds = {pp.pid: pp.proc["creds"] for pp in self.members}
         for rec in self.shm_records:
-            # a memfd keeps its name (as /proc shows it: "memfd:NAME") and its seals
-            fd = os.memfd_create(rec.get("name", "ckpt-shmem"), os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            if rec.get("deleted_file"):
+                # a deleted file, made again deleted (ckpt/state/deleted.py), as a process that maps it
+                pids = [p for p in rec.get("pids") or [] if p in creds] or [self.pid]
+                fd = deleted.make_file(rec, creds[pids[0]])
+            else:
+                # a memfd keeps its name (as /proc shows it: "memfd:NAME") and its seals
+                fd = os.memfd_create(rec.get("name", "ckpt-shmem"), os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             self.shm[(rec["dev"], rec["inode"])] = fd
             size = rec["size"]
             os.ftruncate(fd, size)
@@ -177,6 +207,11 @@ class Plan:
                         off += os.pwrite(fd, data[off:], x[0] + off)
             if rec.get("seals"):
                 fcntl.fcntl(fd, F_ADD_SEALS, rec["seals"])
+            if rec.get("deleted_file"):
+                # kept read-only: a file open for writing cannot become an executable again
+                # (PR_SET_MM exe_fd: EACCES), and its mappings take the access they had (_map_layout)
+                self.shm[(rec["dev"], rec["inode"])] = _reopen(fd, os.O_RDONLY)
+                os.close(fd)
 
     def close(self):
         for pp in self.members:
@@ -188,8 +223,12 @@ class Plan:
         self.reader.close()
 
 
-def _map_mode(m):
-    return O_RDWR if (m["kind"] == "file-shared" and "w" in m["perms"]) else O_RDONLY
+def _map_mode(m, flags=None):
+    """How a mapped file is opened: read-write for a shared mapping that is writable, or was
+    made from a file opened read-write (VmFlags mw: it may be made writable again)."""
+    if m["kind"] != "file-shared":
+        return O_RDONLY
+    return O_RDWR if ("w" in m["perms"] or (flags is not None and "mw" in flags)) else O_RDONLY
 
 
 CAP_SETS = ("cap_eff", "cap_prm", "cap_inh", "cap_amb")
@@ -299,6 +338,7 @@ class Builder:
         self.pp = pp
         self.parent = parent    # the parent's ProcPlan when the process was forked from it rebuilt
         self.kept = {}          # start -> mapping inherited from the parent as it is (copy-on-write)
+        self.reprotect = []     # (start, size, prot): mapped writable, mprotect'ed once written
         self.opts = opts
         self.pid = pp.pid
         self.remote = remote
@@ -329,6 +369,11 @@ class Builder:
     def build_state(self):
         """Everything else but the release: process state, fds, threads, credentials."""
         t = time.perf_counter()
+        # madvise, mlock, mseal as recorded: now that the memory is written and the children
+        # (which must not inherit DONTFORK or WIPEONFORK effects they did not have) are forked
+        if self.pp.vmflags is not None:
+            vmflags.after_mapping(self.remote, self.pp.maps, self.pp.vmflags, self.opts.warn)
+        t = self._lap("map_flags", t)
         self._process_state()
         t = self._lap("process_state", t)
         self._threads()
@@ -425,48 +470,67 @@ class Builder:
                 r.insn = m["start"] + vdso_off
 
     def _map_layout(self):
+        """Every mapping at its address, with its protection, its file or memory object, its
+        offset and the mmap flags its VmFlags call for (MAP_GROWSDOWN, MAP_NORESERVE)."""
         r = self.remote
-        opened = {}       # path or shmem inode -> fd in the child
+        opened = {}       # key -> fd in the child: ("map", path, mode) for files, (dev, inode, mode) for objects
         calls = []
-        shm_sizes = {}
-        for m in self.pp.maps:
-            if m["kind"] == "shmem":
-                key = (m["dev"], m["inode"])
-                if key in self.plan.shm:    # made once for the tree, with its pages (Plan.shared_memory)
-                    if key not in opened:
-                        opened[key] = r.take(self.plan.shm[key], what="shared memory %s" % m["path"])
+        table = self.pp.vmflags if self.pp.vmflags is not None else vmflags.Table({})
+        local = self._objects()
+        try:
+            for m in self.pp.maps:
+                k = m["kind"]
+                if k == "special" or m["start"] in self.kept:
                     continue
-                shm_sizes[key] = max(shm_sizes.get(key, 0), m["offset"] + m["end"] - m["start"])
-        for key, size in shm_sizes.items():
-            r.reset()
-            fd = r.call(sysno.memfd_create, r.put_str("ckpt-shmem"), 1, what="memfd_create")   # MFD_CLOEXEC
-            r.call(sysno.ftruncate, fd, size, what="ftruncate of shared memory")
-            opened[key] = fd
-        for m in self.pp.maps:
-            k = m["kind"]
-            if k not in ("file-private", "file-shared") or _deleted(m) or m["start"] in self.kept:
-                continue
-            key = ("map", m["path"], _map_mode(m))
-            if key not in opened:
-                opened[key] = r.take(self.pp.paths.get(key), what="the mapped file %s" % m["path"])
-        for m in self.pp.maps:
-            k = m["kind"]
-            size = m["end"] - m["start"]
-            prot = _prot(m["perms"])
-            if k == "special" or m["start"] in self.kept:
-                continue
-            if k == "anon" or (k == "file-private" and _deleted(m)):
-                flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE
-                if m["path"] == "[stack]":
-                    flags |= MAP_GROWSDOWN
-                calls.append((sysno.mmap, (m["start"], size, prot, flags, -1, 0)))
-            elif k == "shmem":
-                calls.append((sysno.mmap, (m["start"], size, prot, MAP_SHARED | MAP_FIXED_NOREPLACE,
-                                           opened[(m["dev"], m["inode"])], m["offset"])))
-            else:
-                share = MAP_SHARED if k == "file-shared" else MAP_PRIVATE
-                calls.append((sysno.mmap, (m["start"], size, prot, share | MAP_FIXED_NOREPLACE,
-                                           opened[("map", m["path"], _map_mode(m))], m["offset"])))
+                size = m["end"] - m["start"]
+                prot = _prot(m["perms"])
+                flags = table.of(m)
+                extra = MAP_NORESERVE if flags and "nr" in flags else 0
+                if k != "shmem" and m["perms"][3] == "p" and (
+                        ("gd" in flags) if flags is not None else m["path"] == "[stack]"):
+                    extra |= MAP_GROWSDOWN
+                key = (m["dev"], m["inode"])
+                if m["perms"][3] == "p" and "w" not in m["perms"] and flags and "ac" in flags:
+                    # written once, then made read-only (or PROT_NONE): the memory stays charged
+                    # to the process (VmFlags ac), as a mapping made writable, then mprotect'ed,
+                    # is; mprotect'ed to its protection once its pages are written (_patch_pages)
+                    self.reprotect.append((m["start"], size, prot))
+                    prot |= PROT["w"]
+                if k == "shmem" or (k == "file-private" and _deleted(m) and key in local):
+                    # a memory object (shared memory, a deleted file): made once, in ckpt, and
+                    # mapped from an fd of the access the process had: read-only for a private
+                    # mapping and for a shared one made from a read-only fd (no VmFlags mw)
+                    mode = os.O_RDONLY if k != "shmem" or (flags is not None and "mw" not in flags) else os.O_RDWR
+                    okey = key + (mode,)
+                    if okey not in opened:
+                        fd = local[key]
+                        same = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == mode
+                        if not same:
+                            fd = _reopen(fd, mode)
+                        try:
+                            opened[okey] = r.take(fd, what="the memory object of %s" % m["path"])
+                        finally:
+                            if not same:
+                                os.close(fd)
+                    share = MAP_SHARED if k == "shmem" else MAP_PRIVATE
+                    calls.append((sysno.mmap, (m["start"], size, prot, share | MAP_FIXED_NOREPLACE | extra,
+                                               opened[okey], m["offset"])))
+                elif k == "anon" or (k == "file-private" and _deleted(m)):
+                    # (a deleted file's private mapping in an image that holds no copy of the file:
+                    # anonymous, its every page from the image)
+                    calls.append((sysno.mmap, (m["start"], size, prot,
+                                               MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE | extra, -1, 0)))
+                else:
+                    fkey = self.pp.map_keys.get(m["start"]) or ("map", m["path"], _map_mode(m, flags))
+                    if fkey not in opened:
+                        opened[fkey] = r.take(self.pp.paths.get(fkey), what="the mapped file %s" % m["path"])
+                    share = MAP_SHARED if k == "file-shared" else MAP_PRIVATE
+                    calls.append((sysno.mmap, (m["start"], size, prot, share | MAP_FIXED_NOREPLACE | extra,
+                                               opened[fkey], m["offset"])))
+        finally:
+            for key, fd in local.items():
+                if key not in self.plan.shm:
+                    os.close(fd)
         results = r.many(calls, what=lambda nr, a: "mmap at %#x" % a[0])
         for (nr, a), got in zip(calls, results):
             if got != a[0]:
@@ -475,17 +539,52 @@ class Builder:
         if r.ckpt_pidfd is not None:
             self.opened_fds.append(r.ckpt_pidfd)
 
+    def _objects(self):
+        """(dev, inode) -> ckpt's fd of every memory object the process maps: the tree's (made
+        once with their pages: Plan.shared_memory), and, in an image that keeps shared memory
+        per process, one made here from the process's own pages. Shared memory is never written
+        through a mapping: a read-only or PROT_NONE shared mapping cannot be written from
+        outside (/proc/PID/mem refuses: EIO)."""
+        out = {}
+        own = {}
+        for m in self.pp.maps:
+            key = (m["dev"], m["inode"])
+            if key in self.plan.shm:
+                out[key] = self.plan.shm[key]
+            elif m["kind"] == "shmem":
+                own.setdefault(key, []).append(m)
+        try:
+            for key, ms in own.items():
+                fd = out[key] = os.memfd_create("ckpt-shmem", os.MFD_CLOEXEC)
+                os.ftruncate(fd, max(m["offset"] + m["end"] - m["start"] for m in ms))
+                reader = self.plan.reader
+                extents = reader.extents(self.pid)
+                for m in ms:
+                    for x in extents:
+                        lo, hi = max(x[0], m["start"]), min(x[1], m["end"])
+                        if lo >= hi:
+                            continue
+                        data = reader.extent_bytes(x, lo, hi, check=False)
+                        if data is not None:
+                            _pwrite_all(fd, data, m["offset"] + lo - m["start"])
+        except BaseException:
+            for key, fd in out.items():
+                if key not in self.plan.shm:
+                    os.close(fd)
+            raise
+        return out
+
     def _patch_pages(self):
         """Write the pages whose content differs from their source, in large batches."""
         r = self.remote
         reader = self.plan.reader
         spans = []
         for m in self.pp.maps:
-            if m["kind"] in ("special", "file-shared"):
-                continue
-            if m["kind"] == "shmem" and (m["dev"], m["inode"]) in self.plan.shm:
-                continue    # its pages are in the object already
-            zero_src = m["kind"] in ("anon", "shmem") or _deleted(m)
+            if m["kind"] in ("special", "file-shared", "shmem"):
+                continue    # the file holds the pages, or the memory object (see _objects)
+            # the source of pages the image holds no data for: zero for anonymous memory (and
+            # a deleted file's mapping whose file the image does not hold), else the file
+            zero_src = m["kind"] == "anon" or (_deleted(m) and (m["dev"], m["inode"]) not in self.plan.shm)
             if m["start"] in self.kept:
                 # inherited from the parent: the pages it shares stay; the others go back to
                 # their source (zero, or the file) and take the image's content below
@@ -533,6 +632,8 @@ class Builder:
                 if size >= WRITE_CHUNK:
                     flush()
         flush()
+        if self.reprotect:
+            r.many([(sysno.mprotect, x) for x in self.reprotect], what=lambda nr, a: "mprotect of %#x" % a[0])
 
     # -- process ------------------------------------------------------------------------
     def _process_state(self):
@@ -544,6 +645,8 @@ class Builder:
             # the kernel refuses to change the exe link while the old exe is mapped: when the
             # restorer's own exe is the image's (python3 restoring python3) it is right already
             exe_fd = r.take(paths.get("exe"), what="the executable %s" % p["exe"])
+        elif self.pp.exe_object in self.plan.shm:
+            exe_fd = r.take(self.plan.shm[self.pp.exe_object], what="the deleted executable %s" % p["exe"])
         process.restore_mm(r, p, exe_fd)
         # from here on the process opens nothing with root's rights: its file ids and groups are
         # its own (bound unix socket names, connections to them); the rest follows last
@@ -627,6 +730,18 @@ class Builder:
     def release(self):
         for t in self.remote.threads.values():
             t.detach()
+
+
+def _reopen(fd, mode):
+    """The file of ckpt's fd opened again with another access mode (through /proc/self/fd: the
+    same inode, a deleted file or a memfd too)."""
+    return os.open("/proc/self/fd/%d" % fd, mode | os.O_CLOEXEC)
+
+
+def _pwrite_all(fd, data, off):
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], off + done)
 
 
 def _outside(rng, ranges):

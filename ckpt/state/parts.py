@@ -22,7 +22,9 @@ A part is a class (or module) with any of:
 
 Adding a kind of state: one module in ckpt/state/ and one entry in PARTS.
 """
-PARTS = []
+from ckpt.state import deleted, vmflags  # noqa: E402
+
+PARTS = [vmflags, deleted]
 
 
 class Capture:
