@@ -43,9 +43,9 @@ def mapping_at(pid, addr, table=None):
 class Gated:
     """A target that answers each SIGUSR2 with one line (read from its output file)."""
 
-    def __init__(self, procs, tmp_path, name, *args, cwd="/", program=None):
+    def __init__(self, procs, tmp_path, name, *args, cwd="/", program=None, user=None):
         self.out = tmp_path / (name + ".out")
-        self.p, _ = procs.start(name, *args, stdout=self.out, cwd=cwd, program=program)
+        self.p, _ = procs.start(name, *args, stdout=self.out, cwd=cwd, program=program, user=user)
         self.pid = self.p.pid
         self.seen = 1
         self.lines = self._lines()
@@ -65,7 +65,7 @@ class Gated:
         deadline = time.monotonic() + WAIT
         while True:
             lines = self._lines()
-            answers = [ln for ln in lines if not ln.startswith(("ready ", "region ", "file "))]
+            answers = [ln for ln in lines if not ln.startswith(("ready ", "region ")) and not re.fullmatch(r"child \d+", ln)]
             if len(answers) >= self.seen:
                 self.seen += 1
                 return answers[self.seen - 2]
@@ -186,7 +186,8 @@ def test_deleted_files_still_mapped(procs, tmp_path):
     before = _flags_by_region(t.pid, regions)
     pid, img = _cycle(procs, tmp_path, t)
     shm = image_meta(img)["tree"]["shm"]
-    assert sorted(r["deleted_file"]["path"] for r in shm) == sorted("%s/%s" % (d, n) for n in ("a", "sub/b", "c"))
+    assert sorted(r["deleted_file"]["path"] for r in shm if "deleted_file" in r) == \
+        sorted("%s/%s" % (d, n) for n in ("a", "sub/b", "c"))
     after = _flags_by_region(pid, regions)
     assert after == before, "permissions or VmFlags differ after the restore: %s" % {
         k: (before[k], after[k]) for k in regions if before[k] != after[k]}
@@ -198,6 +199,59 @@ def test_deleted_files_still_mapped(procs, tmp_path):
     assert sorted(os.listdir(d)) == ["c"]       # nothing left behind
     assert t.ask() == "ok files"
     assert t.ask() == "ok files"
+
+
+def test_deleted_files_in_a_tree(procs, tmp_path):
+    """The deleted files mapped by a process and by its child (mappings inherited across fork):
+    one object per file for the tree, restored once; both processes map the same deleted file
+    again, and a write through the parent's shared mapping is seen in the child's."""
+    d = tmp_path / "files"
+    d.mkdir()
+    t = Gated(procs, tmp_path, "deleted", "tree", d)
+    child = _wait_child(t)
+    regions = t.info("region")
+    assert t.ask() == "ok files"
+    assert t.ask(child) == "child ok files"
+    pid, img = _cycle_tree(procs, tmp_path, t, [child])
+    assert image_meta(img)["dump"]["processes"] == [pid, child]
+    assert len(image_meta(img)["tree"]["shm"]) == 4     # a, b, c and the shared counter
+    for name in ("a1", "apriv", "bpriv", "cshared"):
+        addr = int(regions[name], 16)
+        files = []
+        for p in (pid, child):
+            m = mapping_at(p, addr)
+            st = os.stat("/proc/%d/map_files/%x-%x" % (p, m["start"], m["end"]))
+            files.append((st.st_dev, st.st_ino, st.st_nlink))
+        assert files[0] == files[1] and files[0][2] == 0, (name, files)
+    assert t.ask() == "ok files"            # writes through a1
+    assert t.ask(child) == "child ok files"  # sees it
+    assert t.ask(child) == "child ok files"
+    assert t.ask() == "ok files"
+
+
+def _wait_child(t):
+    import time
+    deadline = time.monotonic() + WAIT
+    while True:
+        for ln in t._lines():
+            if re.fullmatch(r"child \d+", ln):
+                return int(ln.split()[1])
+        assert time.monotonic() < deadline, "no child line"
+        time.sleep(0.01)
+
+
+def _cycle_tree(procs, tmp_path, t, children):
+    from restore_support import reap_orphans
+    img = tmp_path / "image"
+    dump(t.pid, img)
+    reap_killed(t.p)
+    reap_orphans(children)
+    pid, _, err = restore_ok(procs, img)
+    for c in children:
+        procs.adopt(c)
+    assert pid == t.pid
+    assert not err.strip(), "restore warned: %s" % err
+    return pid, img
 
 
 def test_deleted_file_over_the_limit_is_refused(procs, tmp_path):
@@ -217,20 +271,40 @@ def test_deleted_file_over_the_limit_is_refused(procs, tmp_path):
     assert alive(t.pid) and t.ask() == "ok files"
 
 
-def test_deleted_working_directory(procs, tmp_path):
+@pytest.mark.parametrize("parent_gone", [False, True], ids=["parent-there", "parent-gone"])
+def test_deleted_working_directory(procs, tmp_path, parent_gone):
     """A process whose working directory was removed: restored in a deleted directory again
-    (made anew under the old name and removed), /proc/PID/cwd showing the same path."""
+    (made anew under the old name and removed), /proc/PID/cwd showing the same path; where its
+    parent directory is gone too, made in the nearest ancestor that is left."""
     d = tmp_path / "files"
     d.mkdir()
     t = Gated(procs, tmp_path, "deleted", "cwd", d)
     assert t.ask() == "ok cwd"
+    if parent_gone:
+        d.rmdir()
     cwd = os.readlink("/proc/%d/cwd" % t.pid)
     assert cwd == "%s/wd (deleted)" % d
     mode = os.stat("/proc/%d/cwd" % t.pid).st_mode
     pid, _ = _cycle(procs, tmp_path, t)
-    assert os.readlink("/proc/%d/cwd" % pid) == cwd
+    assert os.readlink("/proc/%d/cwd" % pid) == ("%s/wd (deleted)" % tmp_path if parent_gone else cwd)
     assert os.stat("/proc/%d/cwd" % pid).st_mode == mode
-    assert os.listdir(d) == []
+    assert "wd" not in os.listdir(tmp_path) and (parent_gone or os.listdir(d) == [])
+    assert t.ask() == "ok cwd"
+
+
+def test_deleted_working_directory_not_remade_is_refused(procs, tmp_path, nobody_dir):
+    """A process (nobody) whose deleted working directory restore could not make again: its
+    parent is now root's, where nobody may not create. Refused at dump, before the target is
+    touched, saying so; the target runs on."""
+    t = Gated(procs, tmp_path, "deleted", "cwd", nobody_dir, user="nobody")
+    assert t.ask() == "ok cwd"
+    os.chown(nobody_dir, 0, 0)
+    rc, out, err = run_ckpt("dump", t.pid, "-o", tmp_path / "img")
+    assert rc != 0
+    err = err.strip()
+    assert len(err.splitlines()) == 1 and "working directory %s/wd was deleted" % nobody_dir in err \
+        and "may not create a directory" in err, err
+    assert not (tmp_path / "img").exists()
     assert t.ask() == "ok cwd"
 
 

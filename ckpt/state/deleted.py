@@ -23,10 +23,12 @@ A deleted memfd mapped only privately (its fd closed) is saved the same way and 
 memfd with its name and seals.
 
 A deleted working directory (rmdir'ed while a process is in it) is empty and can never hold
-anything again; restore makes a new empty directory under the old name (in the old parent
-directory, which must still exist; a fresh name there if the old one is taken), with the old
-mode, as the process, enters it and removes it: the process is again in a deleted directory,
-and /proc/PID/cwd shows "/old/path (deleted)". A deleted root directory (chroot) is refused.
+anything again; restore makes a new empty directory under the old name in the old parent
+directory (a fresh name there if the old one is taken; the nearest ancestor that exists if the
+parent is gone too), with the old mode, as the process, enters it and removes it: the process
+is again in a deleted directory, and /proc/PID/cwd shows "/old/path (deleted)". A process that
+could not create that directory is refused at dump. A deleted root directory (chroot) is
+refused.
 """
 import errno
 import os
@@ -102,6 +104,12 @@ def refuse(pid):
         if st is not None and st.st_nlink == 0 and not any(
                 v.inode == st.st_ino and v.deleted and v.kind == "file-private" for v in procfs.read_maps(pid)):
             return "its executable %s was deleted and is no longer mapped: restore could not make it again" % exe
+    if _deleted_dir(pid, "cwd") is not None:
+        cwd = original_name(procfs.readlink(pid, "cwd"))
+        where, _ = ghost_place(cwd)
+        if not _may_create(where, pid):
+            return ("its working directory %s was deleted, and restore would make it again (empty, deleted) in %s, "
+                    "where the process may not create a directory; not dumped" % (cwd, where))
     root = procfs.readlink(pid, "root")
     if root != "/" and _deleted_dir(pid, "root"):
         return "its root directory %s was deleted (chroot into a removed directory); not supported" % root
@@ -295,17 +303,42 @@ def _name_and_unlink(fd, dfd, name, path):
     return named
 
 
+def ghost_place(path):
+    """(directory, name) where the deleted directory `path` is made again: its parent, or where
+    that is gone too (a whole tree removed), the nearest ancestor that still exists."""
+    parent, name = os.path.split(path)
+    while parent not in ("", "/") and not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    return parent or "/", name or "cwd"
+
+
+def _may_create(path, pid):
+    """Whether process pid (by its uids and gids and the directory's mode bits) may create in
+    directory path."""
+    try:
+        st = os.stat(path)
+        status = procfs.status(pid)
+        fsuid = int(status["Uid"].split()[3])
+        gids = {int(status["Gid"].split()[3])} | {int(g) for g in status.get("Groups", "").split()}
+    except (OSError, KeyError, ValueError, IndexError):
+        return False
+    if fsuid == 0:
+        return True
+    bits = 0o300 if st.st_uid == fsuid else 0o030 if st.st_gid in gids else 0o003
+    return st.st_mode & bits == bits
+
+
 def ghost_dir(proc):
     """The deleted working directory of process record proc made again, entered and removed
     (see the module docstring): ckpt's O_PATH fd of it."""
     from ckpt.restore.creds import acting_as
     from ckpt.restore.paths import O_PATH, openat2
     path = original_name(proc["cwd"])
-    parent, name = os.path.split(path)
+    parent, name = ghost_place(path)
     mode = proc["cwd_deleted"]["mode"] & 0o7777
     with acting_as(proc["creds"]):
         try:
-            dfd = openat2(parent or "/", O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            dfd = openat2(parent, O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             raise RestoreError("the deleted working directory %s cannot be made again: its parent directory %s: %s"
                                % (path, parent, e.strerror)) from None

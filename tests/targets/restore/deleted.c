@@ -17,6 +17,9 @@
  *                       /proc/self/map_files: no link, st_size) and that /proc/self/maps says
  *                       " (deleted)"; writes one more page through a1; prints "ok files" or
  *                       what failed. Prints "region NAME ADDR" at start.
+ *   deleted tree DIR    as files, then forks a child with the same mappings (inherited), which
+ *                       answers SIGUSR2 too ("child ok files"); prints "child PID". The count of
+ *                       writes through a1 is in shared memory: both know what the file holds.
  *   deleted cwd DIR     makes DIR/wd, enters it, removes it. On SIGUSR2: checks that the
  *                       working directory is a deleted one (getcwd fails with ENOENT, nothing
  *                       can be created in it, "." has no link) and that /proc/self/cwd ends in
@@ -31,7 +34,8 @@
 #define ASIZE (5 * PG + 2000)
 
 static uint8_t *a1, *a2, *aro, *apriv, *bpriv, *cshared;
-static int gen;        /* how many times a1's page 3 was rewritten */
+static int *genp;      /* how many times a1's page 3 was rewritten (shared with a child) */
+static const char *who = "";
 
 static uint8_t fbyte(int file, size_t off) { return (uint8_t)(rs_mix(file * 1000003ULL, off / 8) >> (8 * (off % 8))); }
 
@@ -64,8 +68,8 @@ static uint8_t *map(const char *path, int oflags, size_t len, int prot, int flag
 /* the byte a's file holds at off, with the writes made through a1 */
 static uint8_t a_now(size_t off)
 {
-	if (off >= 3 * PG && off < 4 * PG && gen)
-		return (uint8_t)(off + gen);
+	if (off >= 3 * PG && off < 4 * PG && *genp)
+		return (uint8_t)(off + *genp);
 	return fbyte(1, off);
 }
 
@@ -85,12 +89,12 @@ static int check_deleted(uint8_t *at, off_t size, const char *what)
 	if (f)
 		fclose(f);
 	if (!ok) {
-		printf("BAD %s not shown deleted in /proc/self/maps\n", what);
+		printf("%sBAD %s not shown deleted in /proc/self/maps\n", who, what);
 		return 0;
 	}
 	struct stat st;
 	if (stat(link, &st) || st.st_nlink != 0 || st.st_size != size || !S_ISREG(st.st_mode)) {
-		printf("BAD %s: not a deleted regular file of %lld bytes (links %ld, size %lld)\n", what,
+		printf("%sBAD %s: not a deleted regular file of %lld bytes (links %ld, size %lld)\n", who, what,
 		       (long long)size, (long)st.st_nlink, (long long)st.st_size);
 		return 0;
 	}
@@ -102,37 +106,37 @@ static int check_files(void)
 	for (size_t off = 0; off < 6 * PG; off++) {
 		uint8_t want = off < ASIZE ? a_now(off) : 0;
 		if (a1[off] != want) {
-			printf("BAD a1 byte %zu\n", off);
+			printf("%sBAD a1 byte %zu\n", who, off);
 			return 0;
 		}
 	}
 	for (size_t i = 0; i < 3 * PG; i++)
 		if (a2[i] != a_now(PG + i)) {
-			printf("BAD a2 byte %zu\n", i);
+			printf("%sBAD a2 byte %zu\n", who, i);
 			return 0;
 		}
 	for (size_t i = 0; i < 4 * PG; i++)
 		if (aro[i] != a_now(i)) {
-			printf("BAD aro byte %zu\n", i);
+			printf("%sBAD aro byte %zu\n", who, i);
 			return 0;
 		}
 	for (size_t i = 0; i < 4 * PG; i++) {
 		uint8_t want = (i >= PG && i < 3 * PG) ? (uint8_t)(i * 7 + 1) : a_now(i);
 		if (apriv[i] != want) {
-			printf("BAD apriv byte %zu\n", i);
+			printf("%sBAD apriv byte %zu\n", who, i);
 			return 0;
 		}
 	}
 	for (size_t i = 0; i < 3 * PG; i++) {
 		uint8_t want = i < PG ? (uint8_t)(i * 5 + 3) : fbyte(2, i);
 		if (bpriv[i] != want) {
-			printf("BAD bpriv byte %zu\n", i);
+			printf("%sBAD bpriv byte %zu\n", who, i);
 			return 0;
 		}
 	}
 	for (size_t i = 0; i < 2 * PG; i++)
 		if (cshared[i] != fbyte(3, i)) {
-			printf("BAD cshared byte %zu\n", i);
+			printf("%sBAD cshared byte %zu\n", who, i);
 			return 0;
 		}
 	if (!check_deleted(a1, ASIZE, "a1") || !check_deleted(a2, ASIZE, "a2") || !check_deleted(aro, ASIZE, "aro") ||
@@ -140,12 +144,12 @@ static int check_files(void)
 	    !check_deleted(cshared, 2 * PG, "cshared"))
 		return 0;
 	/* one file: a write through a1 shows in a2 and aro */
-	gen++;
+	++*genp;
 	for (size_t off = 3 * PG; off < 4 * PG; off++)
-		a1[off] = (uint8_t)(off + gen);
+		a1[off] = (uint8_t)(off + *genp);
 	if (a2[2 * PG + 5] != a_now(3 * PG + 5) || aro[3 * PG + 5] != a_now(3 * PG + 5) ||
 	    apriv[3 * PG + 5] != a_now(3 * PG + 5)) {
-		printf("BAD a1, a2, aro and apriv are not one file\n");
+		printf("%sBAD a1, a2, aro and apriv are not one file\n", who);
 		return 0;
 	}
 	return 1;
@@ -155,22 +159,22 @@ static int check_cwd(void)
 {
 	char buf[4096];
 	if (getcwd(buf, sizeof(buf)) != NULL || errno != ENOENT) {
-		printf("BAD getcwd: %s\n", getcwd(buf, sizeof(buf)) ? buf : strerror(errno));
+		printf("%sBAD getcwd: %s\n", who, getcwd(buf, sizeof(buf)) ? buf : strerror(errno));
 		return 0;
 	}
 	struct stat st;
 	if (stat(".", &st) || st.st_nlink != 0 || !S_ISDIR(st.st_mode)) {
-		printf("BAD . is not a deleted directory\n");
+		printf("%sBAD . is not a deleted directory\n", who);
 		return 0;
 	}
 	if (open("x", O_CREAT | O_WRONLY, 0600) >= 0 || errno != ENOENT) {
-		printf("BAD a file could be made in the deleted directory\n");
+		printf("%sBAD a file could be made in the deleted directory\n", who);
 		return 0;
 	}
 	ssize_t n = readlink("/proc/self/cwd", buf, sizeof(buf) - 1);
 	buf[n > 0 ? n : 0] = 0;
 	if (n < 10 || strcmp(buf + n - 10, " (deleted)")) {
-		printf("BAD /proc/self/cwd is %s\n", buf);
+		printf("%sBAD /proc/self/cwd is %s\n", who, buf);
 		return 0;
 	}
 	return 1;
@@ -179,11 +183,15 @@ static int check_cwd(void)
 int main(int argc, char **argv)
 {
 	if (argc != 3) {
-		fprintf(stderr, "usage: deleted files|cwd DIR\n");
+		fprintf(stderr, "usage: deleted files|tree|cwd DIR\n");
 		return 2;
 	}
 	char a[4096], sub[4096], b[4096], c[4096];
-	int files = !strcmp(argv[1], "files");
+	int tree = !strcmp(argv[1], "tree");
+	int files = tree || !strcmp(argv[1], "files");
+	genp = mmap(NULL, PG, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	if (genp == MAP_FAILED)
+		rs_die("mmap");
 	snprintf(a, sizeof(a), "%s/a", argv[2]);
 	snprintf(sub, sizeof(sub), "%s/sub", argv[2]);
 	snprintf(b, sizeof(b), "%s/sub/b", argv[2]);
@@ -223,12 +231,23 @@ int main(int argc, char **argv)
 		       (unsigned long)(uintptr_t)a1, (unsigned long)(uintptr_t)a2, (unsigned long)(uintptr_t)aro,
 		       (unsigned long)(uintptr_t)apriv, (unsigned long)(uintptr_t)bpriv, (unsigned long)(uintptr_t)cshared);
 	}
+	if (tree) {
+		/* a child with the same mappings (inherited): it answers SIGUSR2 too, "child ok files" */
+		fflush(stdout);
+		pid_t c = fork();
+		if (c < 0)
+			rs_die("fork");
+		if (c == 0)
+			who = "child ";
+		else
+			printf("child %d\n", (int)c);
+	}
 	for (long seen = 0;; seen = rs_usr2_count) {
 		while (rs_usr2_count == seen) {
 			struct timespec ts = {0, 2000000};
 			nanosleep(&ts, NULL);
 		}
 		if (files ? check_files() : check_cwd())
-			printf("ok %s\n", argv[1]);
+			printf("%sok %s\n", who, files ? "files" : "cwd");
 	}
 }
