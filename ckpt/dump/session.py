@@ -461,6 +461,9 @@ class Dump:
 
     def _frozen_phase(self):
         self._check()
+        for m in self.members.values():
+            if hasattr(m.tracker, "prepare_final"):
+                m.tracker.prepare_final()
         self._freeze_all()
         self._progress(event="frozen")
         t_frozen = time.perf_counter()

@@ -16,6 +16,7 @@ pages must all be copied) and the (addr, length) runs written since the previous
 """
 import errno
 import os
+import signal
 
 from ckpt.errors import KernelFeatureError
 from ckpt.kernel import pagemap
@@ -74,6 +75,7 @@ class AsyncTracker(_UffdTracker):
 
     def __init__(self, uffd_fd, pid):
         super().__init__(uffd_fd, pid, ASYNC_FEATURES)
+        self._helper = None
 
     def protect(self, vmas):
         """Protect freshly registered mappings. Returns those whose old protection bits could
@@ -94,15 +96,17 @@ class AsyncTracker(_UffdTracker):
                      ret_mask=pagemap.WRITTEN, vec=False)
         return failed
 
-    def _scan(self, vmas, flags):
-        """Scan for written pages; a mapping found unregistered (EPERM) is returned apart."""
+    def _scan(self, vmas, flags, pm=None, ranges=None):
+        """Scan for written pages; a mapping found unregistered (EPERM) is returned apart.
+        ranges: the (start, end) to scan, one per entry of vmas (default: the whole of each)."""
+        pm = pm or self.pm
         untracked, regions = [], []
-        ranges = _ranges(vmas)
+        ranges = _ranges(vmas) if ranges is None else ranges
         i = 0
         while i < len(ranges):
             try:
-                regions += self.pm.scan(ranges[i:], flags=flags | pagemap.CHECK_WPASYNC,
-                                        mask=pagemap.WRITTEN, ret_mask=pagemap.WRITTEN)
+                regions += pm.scan(ranges[i:], flags=flags | pagemap.CHECK_WPASYNC,
+                                   mask=pagemap.WRITTEN, ret_mask=pagemap.WRITTEN)
                 break
             except pagemap.ScanError as e:
                 if e.errno != errno.EPERM:
@@ -117,8 +121,80 @@ class AsyncTracker(_UffdTracker):
         return self._scan(vmas, pagemap.WP_MATCHING)
 
     def final(self, vmas):
-        # frozen: nothing will write again, no need to re-arm
-        return self._scan(vmas, 0)
+        """The last scan, frozen (nothing writes again: no re-arming). A large one is split in
+        two halves scanned at once on two CPUs (the ioctl walks page tables without the GIL)."""
+        total = sum(v.size for v in vmas)
+        if total < PARALLEL_SCAN_MIN or (os.cpu_count() or 1) < 2:
+            return self._scan(vmas, 0)
+        halves = _split(vmas, total // 2)
+        if self._helper is None:
+            self._helper = _ScanHelper(self.pid)
+        job = self._helper.submit(lambda pm: self._scan(halves[1][0], 0, pm, halves[1][1]))
+        first = self._scan(halves[0][0], 0, None, halves[0][1])
+        second = job.result()
+        untracked = list({id(v): v for v in first[0] + second[0]}.values())
+        return untracked, first[1] + second[1]
+
+    def prepare_final(self):
+        """Start the second scanning thread before the freeze (its start is not free), if the
+        final scan will be large enough to split."""
+        if self._helper is None and sum(e - s for s, e in self.registered) >= PARALLEL_SCAN_MIN:
+            self._helper = _ScanHelper(self.pid)
+
+    def disarm(self):
+        if self._helper is not None:
+            self._helper.close()
+            self._helper = None
+        super().disarm()
+
+
+PARALLEL_SCAN_MIN = 256 << 20      # below it one scan is faster than handing half to a thread
+
+
+def _split(vmas, half):
+    """Two lists of (vmas, ranges) holding about `half` bytes in the first: a mapping that
+    straddles the middle is split (a range each; both name the mapping)."""
+    a, b, acc = ([], []), ([], []), 0
+    for v in vmas:
+        if acc >= half:
+            b[0].append(v)
+            b[1].append((v.start, v.end))
+        elif acc + v.size <= half:
+            a[0].append(v)
+            a[1].append((v.start, v.end))
+        else:
+            mid = v.start + ((half - acc) & ~(PAGE_SIZE - 1))
+            if mid <= v.start:
+                b[0].append(v)
+                b[1].append((v.start, v.end))
+                acc += v.size
+                continue
+            a[0].append(v)
+            a[1].append((v.start, mid))
+            b[0].append(v)
+            b[1].append((mid, v.end))
+        acc += v.size
+    return a, b
+
+
+class _ScanHelper:
+    """One worker thread with a pagemap of its own, for the final scan's second half."""
+
+    def __init__(self, pid):
+        import concurrent.futures
+        self.pm = pagemap.Pagemap(pid)
+        # all signals blocked there: ckpt's ptrace waits take SIGCHLD in the main thread alone
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="ckpt-scan",
+            initializer=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals()))
+        self.pool.submit(lambda: None).result()      # the thread exists now
+
+    def submit(self, fn):
+        return self.pool.submit(fn, self.pm)
+
+    def close(self):
+        self.pool.shutdown(wait=True)
+        self.pm.close()
 
 
 class SyncTracker(_UffdTracker):
