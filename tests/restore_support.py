@@ -67,6 +67,8 @@ C_TARGETS = {
     "madv": [],
     "growsdown": [],
     "deleted": [],
+    "flocks": [],
+    "openunlinked": [],
     "fpavx": ["-frounding-math"] + FP_FLAGS,
 }
 

@@ -2,14 +2,18 @@
 and a tree), FIFOs reopened by their path, inotify watches, file locks, deleted files. Each
 target is dumped (--verify), killed, restored, and checks itself: the lines it prints after
 its gate say what it found (tests/targets/restore/fdflags.c, ...)."""
+import fcntl
 import os
 import signal
+import struct
+import subprocess
 
 import pytest  # noqa: F401
 
 from conftest import one_line_error
-from restore_support import (WAIT, describe_status, dump, image_meta, procs, read_lines, reap_killed,  # noqa: F401
-                             reap_orphans, restore_ok, rs_built, run_ckpt, subreaper, wait_file_line, wait_gone)
+from restore_support import (WAIT, ckpt_argv, describe_status, dump, image_meta, procs, read_lines,  # noqa: F401
+                             reap_killed, reap_orphans, restore, restore_ok, rs_built, run_ckpt, status, subreaper,
+                             wait_file_line, wait_gone)
 from ckpt.kernel import procfs
 
 
@@ -170,3 +174,127 @@ def test_inotify_watch_on_a_deleted_file_is_refused(procs, tmp_path):
     assert not (tmp_path / "image").exists()
     os.kill(p.pid, signal.SIGUSR2)
     assert p.wait(timeout=WAIT) == 0
+
+
+# ------------------------------------------------------------------ 5. deleted files held open
+def _links(pid):
+    d = "/proc/%d/fd" % pid
+    return {int(n): os.readlink(os.path.join(d, n)) for n in os.listdir(d)}
+
+
+def test_deleted_files_come_back_deleted(procs, tmp_path):
+    """Files unlinked after they were opened (one also mapped shared, one 100 MiB sparse, one
+    O_TMPFILE, one whose directory is gone too): their content is in the image once (the
+    sparse file's hole is not), and they come back deleted files again, in their directory,
+    with content, position and flags; the fd and the mapping of the mapped one are one file.
+    The one whose directory is gone comes back as a memfd, and the restore says so."""
+    d = tmp_path / "d"
+    d.mkdir()
+    p, out = _gated(procs, tmp_path, "openunlinked", d)
+    before = _links(p.pid)
+    img, err = _dump_kill_restore(procs, tmp_path, p)
+    assert os.path.getsize(img) < 32 << 20, "the sparse file's hole went into the image"
+    kinds = {e["fd"]: e["kind"] for e in image_meta(img)["fds"]}
+    assert [kinds[n] for n in range(3, 9)] == ["deleted"] * 6, kinds
+    assert err.strip().splitlines() == [
+        "ckpt: warning: fd 5: the deleted file %s/sub/c (deleted) comes back as a memfd (/memfd:c (deleted)): "
+        "its directory is gone or the process may not create files in it" % d], err
+    after = _links(p.pid)
+    for n in (3, 4, 6, 7):
+        assert after[n] == before[n], "fd %d: %s, was %s" % (n, after[n], before[n])
+    assert after[8].startswith("%s/#" % d) and after[8].endswith(" (deleted)"), after[8]
+    assert sorted(os.listdir(d)) == [], "a deleted file has a name again"
+    got = _finish(p.pid, out)
+    assert got == ["ok deleted 14"], got
+
+
+def test_deleted_file_over_the_limit_is_refused(procs, tmp_path):
+    """A deleted file larger than CKPT_DELETED_FILE_MAX_MB: the dump refuses before touching
+    the target, naming the fd and the size; the target runs on."""
+    d = tmp_path / "d"
+    d.mkdir()
+    p, out = _gated(procs, tmp_path, "openunlinked", d, "big", 3)
+    env = dict(os.environ, CKPT_DELETED_FILE_MAX_MB="2")
+    res = subprocess.run(ckpt_argv("dump", p.pid, "-o", tmp_path / "image", "--verify"), env=env,
+                         capture_output=True, text=True, timeout=WAIT, cwd="/")
+    assert res.returncode != 0
+    line = one_line_error(res.stderr)
+    assert ("process %d: fd 3 is a deleted (%s/big (deleted)): a deleted file of 3.0 MiB" % (p.pid, d)) in line \
+        and "over the limit of 2.0 MiB" in line, line
+    assert not (tmp_path / "image").exists()
+    assert status(p.pid)["TracerPid"] == "0"
+    os.kill(p.pid, signal.SIGUSR2)
+    assert p.wait(timeout=WAIT) == 0
+    assert read_lines(out)[-1] == "done", read_lines(out)
+
+
+# ------------------------------------------------------------------ 4. file locks
+def _locks_of(pid):
+    with open("/proc/locks") as f:
+        return sorted(" ".join(x.split()[1:4] + x.split()[6:]) for x in f.read().splitlines()
+                      if x.split()[4] == str(pid) or (x.split()[1] == "OFDLCK" and _ofd_is(pid, x)))
+
+
+def _ofd_is(pid, line):
+    """An OFD lock (no owner PID in /proc/locks) on a file pid has open."""
+    ino = line.split()[5].rsplit(":", 1)[1]
+    return any(v.endswith(":" + ino) or fdinfo_ino(pid, n) == ino for n, v in _links(pid).items())
+
+
+def fdinfo_ino(pid, n):
+    try:
+        with open("/proc/%d/fdinfo/%d" % (pid, n)) as f:
+            return next((x.split()[1] for x in f if x.startswith("ino:")), None)
+    except OSError:
+        return None
+
+
+def test_locks_still_held_after_restore(procs, tmp_path):
+    """A POSIX write lock and read lock, an OFD lock and a flock lock (on an open file two fds
+    share) are held again by the restored process: /proc/locks lists the same locks, and
+    another process (the test; a child of the target) finds them with F_GETLK, F_OFD_GETLK
+    and flock(LOCK_NB)."""
+    d = tmp_path / "d"
+    d.mkdir()
+    p, out = _gated(procs, tmp_path, "flocks", d)
+    before = _locks_of(p.pid)
+    assert len(before) == 4, before
+    img, err = _dump_kill_restore(procs, tmp_path, p)
+    assert not err.strip(), err
+    assert _locks_of(p.pid) == before
+    with open(d / "f", "r+b") as f:
+        got = fcntl.fcntl(f, fcntl.F_GETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 20, 0))
+        assert struct.unpack("hhqqi4x", got)[0] == fcntl.F_WRLCK and struct.unpack("hhqqi4x", got)[4] == p.pid
+    with open(d / "g", "rb") as g:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(g, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    got = _finish(p.pid, out)
+    assert got == ["ok locks 10"], got
+
+
+@pytest.mark.parametrize("which", ["flock", "posix"])
+def test_lock_taken_since_the_dump_refuses_the_restore(procs, tmp_path, which):
+    """Another process took a lock conflicting with one of the image's after the dump: the
+    restore refuses before creating anything, naming the fd, the lock and the holder; once it
+    is let go, the restore succeeds."""
+    d = tmp_path / "d"
+    d.mkdir()
+    p, out = _gated(procs, tmp_path, "flocks", d)
+    img = tmp_path / "image"
+    dump(p.pid, img)
+    reap_killed(p)
+    with open(d / ("g" if which == "flock" else "f"), "r+b") as f:
+        if which == "flock":
+            fcntl.flock(f, fcntl.LOCK_SH)
+            want = "fd 5 (%s/g): its write flock lock is taken: process %d (" % (d, os.getpid())
+        else:
+            fcntl.lockf(f, fcntl.LOCK_SH, 1, 15)
+            want = "fd 3 (%s/f): its write POSIX record lock is taken: process %d (" % (d, os.getpid())
+        rc, _, err = restore(procs, img)
+        assert rc != 0
+        line = one_line_error(err)
+        assert want in line and "holds a conflicting read" in line, line
+        assert not os.path.exists("/proc/%d" % p.pid)
+    pid, _, err = restore_ok(procs, img)
+    got = _finish(pid, out)
+    assert got == ["ok locks 10"], got

@@ -167,10 +167,12 @@ class SharedMemory:
     def add_fds(self, pid, table):
         """Memory files the process holds by fd (memfd entries: ckpt/files/memfd.py)."""
         for e in table:
-            if e["kind"] == "memfd" and "shares" not in e and "shares_with" not in e:
+            if e["kind"] in ("memfd", "deleted") and "shares" not in e and "shares_with" not in e:
                 obj = self._object(e["dev"], e["inode"], e["path"])
                 obj["size"] = max(obj["size"], e["size"])
                 obj["seals"] = e.get("seals", 0)
+                if e["kind"] == "deleted":     # a deleted file held open (ckpt/files/deleted.py): made again deleted
+                    obj.setdefault("mode", e["mode"])
                 obj["fds"].append((pid, e["fd"]))
 
     def space_of(self, dev, inode):

@@ -26,9 +26,11 @@ from ckpt.files.unix import UnixSocket
 from ckpt.files import inet, tcp
 from ckpt.files import epoll, eventfd, signalfd, timerfd
 from ckpt.files.inotify import Inotify
+from ckpt.files.deleted import DeletedFile
 from ckpt.files.regular import CharDevice, Directory, RegularFile
 from ckpt.files.memfd import Memfd
 from ckpt.files import owner as fd_owner
+from ckpt.files import locks as fd_locks
 from ckpt.files.unsupported import AnonInode, OtherSocket
 from ckpt.kernel import procfs, sysno
 from ckpt.kernel.native import ffi, lib
@@ -43,6 +45,7 @@ KINDS = [
     eventfd.EventFd, timerfd.TimerFd, signalfd.SignalFd, epoll.Epoll,
     Inotify,
     AnonInode,
+    DeletedFile,
     RegularFile,
     Directory,
     CharDevice,
@@ -183,7 +186,7 @@ def _entry(f, described):
     entry["pos"] = f.pos
     entry["inherit"] = bool(_stdio_inherited(f, kind, entry))
     if not entry["inherit"]:
-        why = kind.refuse(f, entry) or fd_owner.capture(f, entry)
+        why = kind.refuse(f, entry) or fd_owner.capture(f, entry) or fd_locks.capture(f, entry)
         if why:
             raise TargetError("process %d: fd %d is a %s (%s): %s" % (f.pid, f.fd, kind.name, f.link, why))
     return kind, entry
@@ -287,6 +290,7 @@ def restore_fds(remote, table_entries, options=None, paths=None, tree=None):
     for fd in set(table.parked):
         remote.call(sysno.close, fd, ok_errors=(9,))
     remote.forget_fds()
+    fd_locks.restore(remote, [e for e, _ in placed])    # last: closing a parked fd drops POSIX locks
     finishing = sorted((BY_NAME.get(e["kind"], FdKind).finish_order, i, e) for i, (e, _) in enumerate(placed)
                        if "shares" not in e and "shares_with" not in e and not e.get("inherit"))
     for _, _, e in finishing:
@@ -321,6 +325,7 @@ def _prepare_outside(e, paths, options):
 def precheck(table_entries, paths=None, options=None):
     """At restore, before anything is created: each kind checks that its objects can be made,
     and opens (as the process) and checks the paths they name."""
+    fd_locks.precheck(table_entries)
     for e in table_entries:
         if "shares" in e or "shares_with" in e:
             continue

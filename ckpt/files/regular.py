@@ -10,6 +10,15 @@ import stat
 from ckpt.files.base import O_ACCMODE, O_WRONLY, FdKind
 
 
+def _leads_to(path, st):
+    """Whether path is the file st (a file may really be named "... (deleted)")."""
+    try:
+        now = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+
 class RegularFile(FdKind):
     name = "file"
     restorable = True
@@ -25,8 +34,9 @@ class RegularFile(FdKind):
 
     @classmethod
     def refuse(cls, f, entry):
-        if f.link.endswith(" (deleted)"):
-            return "a deleted file: not supported yet"
+        if f.link.endswith(" (deleted)") and not _leads_to(f.link, f.st):
+            # a deleted file is the kind "deleted" (ckpt/files/deleted.py): this one could not be looked at
+            return "a deleted file that cannot be looked at"
         return None
 
     @classmethod
