@@ -159,6 +159,13 @@ class Target:
     def alive(self):
         return self.proc.poll() is None
 
+    def latency(self, timeout=60):
+        """The target's page-write latency since the last call (writer.c, SIGUSR2): a dict of
+        n, p50, p99, p999, max in microseconds."""
+        os.kill(self.pid, signal.SIGUSR2)
+        words = self.expect("lat", timeout).split()
+        return {k: float(v) for k, v in zip(words[1::2], words[2::2])}
+
     def self_check(self, timeout=300):
         os.kill(self.pid, signal.SIGUSR1)
         return self.expect("ok", timeout)
@@ -317,11 +324,18 @@ def run_config(exe, tmp, size_mb, threads, load, reps, compress, timeout, wait_q
         time.sleep(0.5)
         cfg["rate_before"], (t_a, c_a) = measure_rate(tgt.pid)
         log("  target %d ready after %.1f s, writing %.0f pages/s" % (tgt.pid, cfg["populate_s"], cfg["rate_before"]))
+        # the threads' own cost: write latency with no dump, over a window as long as a dump
+        tgt.latency()
+        time.sleep(1.0)
+        cfg["lat_nodump"] = tgt.latency()
+        cfg["lat_live"], cfg["lat_stw"] = [], []
         for i in range(reps):
             for key, mode in (("live", "async"), ("stw", "stop-the-world")):
                 img = os.path.join(tmp, "bench-%d-%s-%d.img" % (tgt.pid, key, i))
                 try:
+                    tgt.latency()
                     r = run_dump(tgt.pid, img, mode, compress, timeout)
+                    cfg["lat_" + key].append(tgt.latency())
                 except (RuntimeError, subprocess.TimeoutExpired, ValueError) as e:
                     cfg["errors"].append("%s #%d: %s" % (key, i + 1, e))
                     log("  " + cfg["errors"][-1])
@@ -400,6 +414,32 @@ def tables(results, reps):
             out.append("| %s | %d | %s | %s | %.2f | %s |" % (
                 size, c["threads"], load_name(c["load"]), name, s["freeze_ms"],
                 " | ".join(fmt(s["breakdown_ms"].get(p), ".2f") for p in cols)))
+    out.append("")
+    out.append("### The target's own threads: page-write latency (microseconds)")
+    out.append("")
+    out.append("Every page write of the writer is timed (writer.c); over a dump (from its start to its end) "
+               "against the same length of time with no dump. p50 / p99 / p999: medians over the dumps; "
+               "max: the largest.")
+    out.append("")
+    out.append("| size | threads | load | no dump p50 / p99 / max | live dump p50 / p99 / p999 / max "
+               "| stop-the-world p50 / p99 / max |")
+    out.append("|---:|---:|---|---|---|---|")
+    for c in results:
+        if not c.get("lat_nodump"):
+            continue
+        size = "%d MiB" % c["size_mb"] if c["size_mb"] < 1024 else "%g GiB" % (c["size_mb"] / 1024)
+
+        def q(samples, keys):
+            if not samples:
+                return "–"
+            vals = []
+            for k in keys:
+                xs = [x[k] for x in samples]
+                vals.append(fmt(max(xs) if k == "max" else med(xs), ".1f"))
+            return " / ".join(vals)
+        out.append("| %s | %d | %s | %s | %s | %s |" % (
+            size, c["threads"], load_name(c["load"]), q([c["lat_nodump"]], ("p50", "p99", "max")),
+            q(c.get("lat_live"), ("p50", "p99", "p999", "max")), q(c.get("lat_stw"), ("p50", "p99", "max"))))
     out.append("")
     out.append("### Every stop of the target (live dumps, medians)")
     out.append("")
