@@ -11,9 +11,9 @@ import subprocess
 import pytest  # noqa: F401
 
 from conftest import one_line_error
-from restore_support import (WAIT, ckpt_argv, describe_status, dump, image_meta, procs, read_lines,  # noqa: F401
-                             reap_killed, reap_orphans, restore, restore_ok, rs_built, run_ckpt, status, subreaper,
-                             wait_file_line, wait_gone)
+from restore_support import (WAIT, LineReader, ckpt_argv, describe_status, dump, image_meta, procs,  # noqa: F401
+                             read_lines, reap_killed, reap_orphans, restore, restore_ok, rs_built, run_ckpt, status,
+                             subreaper, wait_file_line, wait_gone)
 from ckpt.kernel import procfs
 
 
@@ -298,3 +298,39 @@ def test_lock_taken_since_the_dump_refuses_the_restore(procs, tmp_path, which):
     pid, _, err = restore_ok(procs, img)
     got = _finish(pid, out)
     assert got == ["ok locks 10"], got
+
+
+def test_fifo_as_standard_output_is_opened_again_by_its_path(procs, tmp_path):
+    """A process whose stdout is a FIFO (`prog > fifo`) read by a process outside (the test):
+    its stdout is not a stream leading out put on /dev/null but the FIFO opened again by its
+    path, and what the restored process prints reaches the same reader."""
+    path, other = tmp_path / "stdout.fifo", tmp_path / "fifo"
+    os.mkfifo(path, 0o600)
+    os.mkfifo(other, 0o600)
+    rfd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    keep = os.open(other, os.O_RDONLY | os.O_NONBLOCK)
+    reader = LineReader(rfd)
+    procs.fds.append(reader)
+    try:
+        wfd = os.open(path, os.O_WRONLY)
+        try:
+            p, _ = procs.start("fifo", "out", other, stdout=wfd)
+        finally:
+            os.close(wfd)
+        assert reader.readline() == "ready %d" % p.pid
+        assert reader.readline() == "set up"
+        img = tmp_path / "image"
+        dump(p.pid, img)
+        reap_killed(p)
+        (e,) = [e for e in image_meta(img)["fds"] if e["fd"] == 1]
+        assert e["kind"] == "pipe" and not e["inherit"] and e["fifo_path"] == str(path), e
+        pid, _, err = restore_ok(procs, img)
+        assert not err.strip(), err
+        assert os.readlink("/proc/%d/fd/1" % pid) == str(path)
+        os.kill(pid, signal.SIGUSR2)
+        assert reader.readline() == "ok out"
+        assert reader.readline() == "done"
+        assert os.read(keep, 100) == b"before\nafter\n"
+        wait_gone(pid)
+    finally:
+        os.close(keep)

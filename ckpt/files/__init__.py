@@ -64,8 +64,8 @@ def _stdio_inherited(f, kind, entry):
     """A standard stream leading out of the process (attached to ckpt's own, or /dev/null, at
     restore). Not a pipe both of whose ends the dumped tree holds (a shell pipeline `a | b`
     dumped with its shell): that one is restored as the pipe it is."""
-    if f.fd > 2 or not (kind.inherit_stdio or entry.get("tty")):
-        return False
+    if f.fd > 2 or not (kind.inherit_stdio or entry.get("tty")) or entry.get("fifo_path"):
+        return False    # (a FIFO with a path is opened again by it: ckpt/files/pipe.py)
     return not (kind is Pipe and len(f.ctx.tree) > 1 and _tree_pipe_ends(f.ctx).get(f.link) == {"r", "w"})
 
 
@@ -284,7 +284,7 @@ def restore_fds(remote, table_entries, options=None, paths=None, tree=None):
         remote.call(sysno.dup2, fd, n, what="dup2 onto fd %d" % n)
         remote.call(sysno.fcntl, n, F_SETFL, e["flags"] & ~(O_ACCMODE | O_CLOEXEC), what="fcntl(F_SETFL) of fd %d" % n)
         remote.call(sysno.fcntl, n, F_SETFD, 1 if e["flags"] & O_CLOEXEC else 0, what="fcntl(F_SETFD) of fd %d" % n)
-        fd_owner.restore(remote, n, e)
+        fd_owner.restore(remote, n, e, table.tree)
         if e["kind"] in ("file", "memfd") and e["pos"] and not e.get("inherit"):
             remote.call(sysno.lseek, n, e["pos"], 0, what="lseek of fd %d" % n)
     for fd in set(table.parked):

@@ -248,6 +248,17 @@ class Inotify(FdKind):
 
     # -- restore -------------------------------------------------------------------------
     @classmethod
+    def precheck(cls, entry):
+        ws = entry["watches"]
+        wds = [w["wd"] for w in ws]
+        if any(not isinstance(w["wd"], int) or not isinstance(w["mask"], int) or not isinstance(w["path"], str)
+               for w in ws) or sorted(set(wds)) != wds or (wds and wds[0] < 1):
+            raise RestoreError("fd %d (inotify): malformed watch list" % entry["fd"])
+        if _skips(ws) > MAX_SKIP:
+            raise RestoreError("fd %d (inotify): its watch descriptors are too far apart (%d placeholder watches, "
+                               "at most %d)" % (entry["fd"], _skips(ws), MAX_SKIP))
+
+    @classmethod
     def prepare(cls, entry, paths, options):
         n = entry["fd"]
         for w in entry["watches"]:

@@ -141,9 +141,8 @@ def restore(remote, entries):
                 remote.reset()
                 arg = remote.put(struct.pack("<hh4xqqi4x", F_WRLCK if lk["write"] else F_RDLCK, 0, lk["start"],
                                              lk["len"], 0))
-                got = remote.call(sysno.fcntl, n, F_SETLK if lk["type"] == "posix" else F_OFD_SETLK, arg,
-                                  what="fcntl(%s) of fd %d" % ("F_SETLK" if lk["type"] == "posix" else "F_OFD_SETLK", n),
-                                  ok_errors=(11, 13))
+                cmd, name = (F_SETLK, "F_SETLK") if lk["type"] == "posix" else (F_OFD_SETLK, "F_OFD_SETLK")
+                got = remote.call(sysno.fcntl, n, cmd, arg, what="fcntl(%s) of fd %d" % (name, n), ok_errors=(11, 13))
             if got < 0:
                 raise RestoreError("fd %d (%s): its %s (bytes %d-%s) was taken by another process since the dump"
                                    % (n, e.get("path"), what, lk["start"],

@@ -49,10 +49,17 @@ def capture(f, entry):
             % (TYPES.get(kind, "owner"), pid))
 
 
-def restore(remote, n, e):
-    """The owner and signal of fd n (after its flags)."""
+def restore(remote, n, e, tree):
+    """The owner and signal of fd n (after its flags). The owner must be a process of the
+    restored tree (tree: base.TreeObjects), or this process's main thread: restore sets it
+    while the process still has root's credentials, with which the kernel would let its
+    signals go to any process."""
     if e.get("owner"):
         kind, pid = e["owner"]
+        if not (kind == F_OWNER_PID and (pid == remote.pid or pid in tree.tables)
+                or kind == F_OWNER_TID and pid == remote.pid):
+            raise RestoreError("fd %d: the owner of its O_ASYNC signals, %s %r, is not a process of the image"
+                               % (n, TYPES.get(kind, "?"), pid))
         remote.reset()
         got = remote.call(sysno.fcntl, n, F_SETOWN_EX, remote.put(struct.pack("<ii", kind, pid)),
                           what="fcntl(F_SETOWN_EX) of fd %d" % n, ok_errors=(3,))

@@ -11,7 +11,8 @@ FIFOs opened by path are opened again by that path, as the process: the plan ope
 (O_PATH, no symbolic link followed, with the process's rights) and checks it is the same FIFO;
 each fd is then opened through it with the process's rights, so that a reader and a writer (or
 a process outside the tree) meet again. The bytes buffered at the freeze go back through a
-keeper ckpt holds open read-write until every process of the tree is restored. A FIFO whose path
+keeper ckpt holds open (a reader) until every process of the tree is restored, written
+through an open file of the process's own rights. A FIFO whose path
 was gone at the dump (unlinked) can be opened by no one else: it comes back as an anonymous
 pipe with its bytes, with a warning. A FIFO that a process outside the dumped tree also holds
 keeps its bytes in the kernel (they are that process's too, it may read or write them after
@@ -209,9 +210,10 @@ class Pipe(FdKind):
                         "fd %d: FIFO" % n, kind="fifo")
         if not stat.S_ISFIFO(os.fstat(fd).st_mode):
             raise RestoreError("fd %d: FIFO %s is no longer a FIFO" % (n, path))
-        # the keeper holds the FIFO open while its bytes are put back and the processes of the
-        # tree open it (never handed to a process: opened with ckpt's rights)
-        paths.held[("fifo-keeper", n)] = os.open("/proc/self/fd/%d" % fd, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        # the keeper, a reader, holds the FIFO open while its bytes are put back and the processes
+        # of the tree open it (so that no open for writing fails for want of a reader). Opened with
+        # ckpt's rights (the process may be a writer only), never read, never handed to a process
+        paths.held[("fifo-keeper", n)] = os.open("/proc/self/fd/%d" % fd, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
 
     @classmethod
     def create(cls, remote, entry, table):
@@ -302,17 +304,25 @@ class Pipe(FdKind):
             except OSError as e:
                 raise RestoreError("fd %d: FIFO %s: its capacity (%d) cannot be set: %s"
                                    % (entry["fd"], entry["fifo_path"], max(size or 0, len(data)), e.strerror)) from None
+        if not data:
+            return
         packets = _packet_mode(entry, table, lambda e: (e.get("fifo"), e.get("dev"), e.get("inode")))
-        if packets:
-            fcntl.fcntl(keeper, F_SETFL, os.O_NONBLOCK | O_DIRECT)
         try:
-            for chunk in (_chunks(entry, data) if packets else [data] if data else []):
+            # written as the process (restore_fds acts with its rights): only into a FIFO it may write to
+            w = os.open("/proc/self/fd/%d" % keeper, os.O_WRONLY | os.O_NONBLOCK | O_CLOEXEC)
+        except OSError as e:
+            raise RestoreError("fd %d: the %d bytes the FIFO %s held at the dump cannot be put back: the process may "
+                               "not open it for writing (%s)"
+                               % (entry["fd"], len(data), entry["fifo_path"], e.strerror)) from None
+        try:
+            if packets:     # packet mode (F_SETFL may set O_DIRECT on a FIFO; open may not)
+                fcntl.fcntl(w, F_SETFL, os.O_NONBLOCK | O_DIRECT)
+            for chunk in (_chunks(entry, data) if packets else [data]):
                 done = 0
                 while done < len(chunk):
-                    done += os.write(keeper, chunk[done:])
+                    done += os.write(w, chunk[done:])
         except OSError as e:
             raise RestoreError("fd %d: FIFO %s: its %d buffered bytes cannot be put back: %s"
                                % (entry["fd"], entry["fifo_path"], len(data), e.strerror)) from None
         finally:
-            if packets:
-                fcntl.fcntl(keeper, F_SETFL, os.O_NONBLOCK)
+            os.close(w)
