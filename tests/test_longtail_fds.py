@@ -229,16 +229,14 @@ def test_deleted_file_over_the_limit_is_refused(procs, tmp_path):
 
 
 # ------------------------------------------------------------------ 4. file locks
-def _locks_of(pid):
+def _locks_of(pids):
+    """The /proc/locks lines of the locks pids hold (an OFD lock shows no PID: those on files
+    the first of them has open), without the lock numbers, PIDs and device numbers."""
     with open("/proc/locks") as f:
-        return sorted(" ".join(x.split()[1:4] + x.split()[6:]) for x in f.read().splitlines()
-                      if x.split()[4] == str(pid) or (x.split()[1] == "OFDLCK" and _ofd_is(pid, x)))
-
-
-def _ofd_is(pid, line):
-    """An OFD lock (no owner PID in /proc/locks) on a file pid has open."""
-    ino = line.split()[5].rsplit(":", 1)[1]
-    return any(v.endswith(":" + ino) or fdinfo_ino(pid, n) == ino for n, v in _links(pid).items())
+        lines = [x.split() for x in f.read().splitlines()]
+    inodes = {fdinfo_ino(pids[0], n) for n in _links(pids[0])}
+    return sorted(" ".join(x[1:4] + x[6:]) + (" of %d" % pids.index(int(x[4])) if x[4] != "-1" else "")
+                  for x in lines if x[4] in map(str, pids) or (x[1] == "OFDLCK" and x[5].rsplit(":", 1)[1] in inodes))
 
 
 def fdinfo_ino(pid, n):
@@ -249,19 +247,22 @@ def fdinfo_ino(pid, n):
         return None
 
 
-def test_locks_still_held_after_restore(procs, tmp_path):
+@pytest.mark.parametrize("mode", ["one", "tree"])
+def test_locks_still_held_after_restore(procs, tmp_path, mode):
     """A POSIX write lock and read lock, an OFD lock and a flock lock (on an open file two fds
-    share) are held again by the restored process: /proc/locks lists the same locks, and
+    share) are held again by the restored process (tree: and a POSIX lock by its child, which
+    shares the open files of the OFD and flock locks): /proc/locks lists the same locks, and
     another process (the test; a child of the target) finds them with F_GETLK, F_OFD_GETLK
     and flock(LOCK_NB)."""
     d = tmp_path / "d"
     d.mkdir()
-    p, out = _gated(procs, tmp_path, "flocks", d)
-    before = _locks_of(p.pid)
-    assert len(before) == 4, before
+    p, out = _gated(procs, tmp_path, "flocks", d, *(["tree"] if mode == "tree" else []))
+    pids = [p.pid] + [i["pid"] for i in procfs.descendants(p.pid)]
+    before = _locks_of(pids)
+    assert len(before) == (5 if mode == "tree" else 4), before
     img, err = _dump_kill_restore(procs, tmp_path, p)
     assert not err.strip(), err
-    assert _locks_of(p.pid) == before
+    assert _locks_of(pids) == before
     with open(d / "f", "r+b") as f:
         got = fcntl.fcntl(f, fcntl.F_GETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 20, 0))
         assert struct.unpack("hhqqi4x", got)[0] == fcntl.F_WRLCK and struct.unpack("hhqqi4x", got)[4] == p.pid
@@ -269,7 +270,7 @@ def test_locks_still_held_after_restore(procs, tmp_path):
         with pytest.raises(BlockingIOError):
             fcntl.flock(g, fcntl.LOCK_EX | fcntl.LOCK_NB)
     got = _finish(p.pid, out)
-    assert got == ["ok locks 10"], got
+    assert got == ["ok locks %d" % (12 if mode == "tree" else 10)], got
 
 
 @pytest.mark.parametrize("which", ["flock", "posix"])
@@ -334,3 +335,30 @@ def test_fifo_as_standard_output_is_opened_again_by_its_path(procs, tmp_path):
         wait_gone(pid)
     finally:
         os.close(keep)
+
+
+# ------------------------------------------------------------------ dumps that leave the target running
+@pytest.mark.parametrize("name,args,want", [
+    ("fdflags", lambda d: ["one", d], ["ok one 23"]),
+    ("fifo", lambda d: ["tree", d / "fifo"], ["ok child 5000", "ok parent"]),
+    ("inotify", lambda d: [d], ["A 1 100 new", "A 4 2 -", "A 4 8 -", "A 5 4 -", "A 5 8000 -", "B 1 100 pending",
+                                "B 1 100 after"]),
+    ("flocks", lambda d: [d], ["ok locks 10"]),
+    ("openunlinked", lambda d: [d], ["ok deleted 14"]),
+], ids=["flags", "fifo", "inotify", "locks", "deleted"])
+def test_leave_running_dump_disturbs_nothing(procs, tmp_path, name, args, want):
+    """What the dump reads of these fds (queued bytes and events, locks, deleted files' content)
+    it reads without taking it: after a dump that leaves the target running, the target's own
+    checks find everything as an undisturbed run does (the queued inotify event included)."""
+    d = tmp_path / "d"
+    d.mkdir()
+    p, out = _gated(procs, tmp_path, name, *args(d))
+    for pid in [i["pid"] for i in procfs.descendants(p.pid)]:
+        procs.adopt(pid)
+    dump(p.pid, tmp_path / "image", "--leave-running")
+    assert status(p.pid)["TracerPid"] == "0"
+    os.kill(p.pid, signal.SIGUSR2)
+    assert p.wait(timeout=WAIT) == 0, read_lines(out)[-5:]
+    lines = read_lines(out)
+    assert lines[-1] == "done", lines[-5:]
+    assert sorted(lines[lines.index("set up") + 1:-1]) == sorted(want)

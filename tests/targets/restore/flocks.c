@@ -1,7 +1,7 @@
 /*
  * File locks, checked by another process (issue 10).
  *
- *   flocks DIR
+ *   flocks DIR [tree]
  *
  * DIR/f (1000 bytes): fd A (O_RDWR) holds a POSIX write lock on bytes 10-19 and a POSIX read lock
  * from byte 400 to the end; fd B (another open file, O_RDWR) an OFD write lock on bytes 200-299.
@@ -11,6 +11,9 @@
  * F_OFD_GETLK on 250 (an OFD write lock), F_GETLK on 50 (nothing), flock(LOCK_EX|LOCK_NB) on g
  * (EWOULDBLOCK); after the parent closes C only (D keeps the open file) g is still locked.
  * Prints "ok locks N" or "BAD ..."; "done".
+ * tree: after setting them, forks a child that holds a POSIX write lock on bytes 300-309 of its
+ * copy of A (the OFD and flock locks it shares with its parent through the open files); the
+ * asking child also finds that lock, the child's; then the child is told to exit.
  */
 #include "rs.h"
 #include <fcntl.h>
@@ -35,6 +38,8 @@ static int setlk(int fd, int cmd, short type, off_t start, off_t len)
 }
 
 /* in a child: what another process sees */
+static pid_t kid;
+
 static int ask(pid_t owner)
 {
 	int bad = 0, checks = 0;
@@ -65,6 +70,11 @@ static int ask(pid_t owner)
 	checks++;
 	if (GETLK(F_GETLK, 50, 10) || fl.l_type != F_UNLCK) {
 		printf("BAD bytes 50-59 locked: type %d pid %d\n", fl.l_type, fl.l_pid);
+		bad++;
+	}
+	checks++;
+	if (kid && (GETLK(F_GETLK, 305, 1) || fl.l_type != F_WRLCK || fl.l_pid != kid || fl.l_start != 300)) {
+		printf("BAD the child's posix lock: type %d pid %d start %ld\n", fl.l_type, fl.l_pid, (long)fl.l_start);
 		bad++;
 	}
 	checks++;
@@ -108,16 +118,42 @@ int main(int argc, char **argv)
 		rs_die("F_OFD_SETLK");
 	if (flock(c, LOCK_EX | LOCK_NB))
 		rs_die("flock");
+	if (argc > 2 && !strcmp(argv[2], "tree")) {
+		int sync[2];
+		if (pipe(sync))
+			rs_die("pipe");
+		kid = fork();
+		if (kid == 0) {
+			close(sync[0]);
+			if (setlk(a, F_SETLK, F_WRLCK, 300, 10) || write(sync[1], "k", 1) != 1)
+				rs_die("child F_SETLK");
+			close(sync[1]);
+			rs_gate_sleep();
+			exit(0);
+		}
+		close(sync[1]);
+		char k;
+		if (read(sync[0], &k, 1) != 1)
+			rs_die("sync");
+		close(sync[0]);
+	}
 	printf("set up\n");
 	rs_gate_sleep();
 
 	int r1 = ask_in_child(getpid());
 	close(c);       /* d keeps the open file, and so the flock lock */
 	int r2 = ask_in_child(getpid());
-	if (r1 || r2)
-		printf("BAD locks %d %d\n", r1, r2);
+	int r3 = 0;
+	if (kid) {
+		int st;
+		kill(kid, SIGUSR2);
+		if (waitpid(kid, &st, 0) != kid || !WIFEXITED(st) || WEXITSTATUS(st))
+			r3 = 1;
+	}
+	if (r1 || r2 || r3)
+		printf("BAD locks %d %d %d\n", r1, r2, r3);
 	else
-		printf("ok locks 10\n");
+		printf("ok locks %d\n", kid ? 12 : 10);
 	(void)d;
 	printf("done\n");
 	return 0;
