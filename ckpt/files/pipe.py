@@ -180,6 +180,8 @@ class Pipe(FdKind):
     def capture(cls, f, entry, ctx):
         if entry.get("inherit"):
             return
+        if entry.get("fifo_path") and not _same_fifo(entry["fifo_path"], f.st):
+            entry["fifo_path"] = None   # unlinked since the description: an anonymous pipe at restore
         if entry.get("outside"):
             entry["data"], entry["pipe_size"] = "", None    # the FIFO's bytes stay with it
             return
