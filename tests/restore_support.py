@@ -69,6 +69,7 @@ C_TARGETS = {
     "deleted": [],
     "flocks": [],
     "openunlinked": [],
+    "ltstate": [],
     "fpavx": ["-frounding-math"] + FP_FLAGS,
 }
 

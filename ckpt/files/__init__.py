@@ -359,7 +359,3 @@ def refuse_untrackable(pid, maps):
         if link == "anon_inode:[io_uring]":
             raise TargetError("process %d has an io_uring (fd %d): its fixed buffers and in-flight I/O bypass "
                               "write tracking; not supported yet" % (pid, fd))
-    st = procfs.status(pid)
-    if st.get("Seccomp", "0") != "0":
-        raise TargetError("process %d runs under a seccomp filter, which restore cannot rebuild; not supported yet"
-                          % pid)

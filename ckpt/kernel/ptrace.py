@@ -22,6 +22,8 @@ PTRACE_PEEKSIGINFO = 0x4209
 PTRACE_GETSIGMASK = 0x420a
 PTRACE_SETSIGMASK = 0x420b
 PTRACE_GET_RSEQ_CONFIGURATION = 0x420f
+PTRACE_SETOPTIONS = 0x4200
+PTRACE_O_SUSPEND_SECCOMP = 1 << 21
 PTRACE_EVENT_STOP = 128
 PTRACE_O_TRACESYSGOOD = 1
 NT_PRSTATUS = 1
@@ -126,6 +128,9 @@ def regs_from_dict(d):
     return regs
 
 
+_suspend_seccomp = [True]    # whether PTRACE_O_SUSPEND_SECCOMP is worth trying (see Tracee._held)
+
+
 class Tracee:
     """One thread under PTRACE_SEIZE. `stopped` tells whether we hold it in a ptrace-stop.
 
@@ -167,18 +172,30 @@ class Tracee:
             sig = os.WSTOPSIG(st)
             event = st >> 16
             if event == PTRACE_EVENT_STOP:
-                self.stopped = True
-                return True
+                return self._held()
             if event == 0 and sig not in (signal.SIGTRAP,):
                 # signal-delivery-stop: the thread is stopped; keep the signal to pass on later
                 self.pending_signal = sig
-                self.stopped = True
-                return True
+                return self._held()
             if event == 0 and sig == signal.SIGTRAP:
-                self.stopped = True
-                return True
+                return self._held()
             # some other event stop: let it go on and keep waiting
             _call(pt.PTRACE_CONT, self.tid, 0, 0)
+
+    def _held(self):
+        """The thread is in a ptrace-stop ckpt holds. Its seccomp filters (or strict mode) are
+        suspended while it is held (PTRACE_O_SUSPEND_SECCOMP), so that no syscall ckpt injects
+        is filtered (killed, or failed in silence); the detach lifts it with the other ptrace
+        options. A held thread never runs its own code. Needs CAP_SYS_ADMIN: without it nothing
+        is suspended (a target under seccomp is then refused, ckpt/state/seccomp.py)."""
+        self.stopped = True
+        if _suspend_seccomp[0]:
+            try:
+                _call(PTRACE_SETOPTIONS, self.tid, 0, PTRACE_O_SUSPEND_SECCOMP)
+            except PtraceError as e:
+                if e.errno in (errno.EPERM, errno.EINVAL):
+                    _suspend_seccomp[0] = False     # the tracer's rights or the kernel: for good
+        return True
 
     def detach(self):
         sig = self.pending_signal
@@ -336,16 +353,23 @@ def _inject_parallel(syscall_insn, jobs):
     return [st[4] for st in states]
 
 
-def fixup_restart(regs_dict):
+def fixup_restart(regs_dict, restart=None):
     """Registers as the thread must resume them when its syscall will not be restarted by a
-    signal return: the kernel's own restart rules applied by hand (used for dumped images)."""
+    signal return: the kernel's own restart rules applied by hand (used for dumped images).
+
+    restart: what ckpt/state/restart.py made of a -ERESTART_RESTARTBLOCK in the restored thread:
+    "kept" (the thread's restart block is set up again: the registers stay as dumped and the
+    kernel restarts the call itself when the thread is released, as after any stop), or the
+    result the call returned when it was set up again; None: -EINTR."""
     rax = to_signed(regs_dict["rax"])
     orig = to_signed(regs_dict["orig_rax"])
     if orig >= 0 and rax in (-ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND):
         regs_dict["rax"] = regs_dict["orig_rax"]
         regs_dict["rip"] -= 2
     elif orig >= 0 and rax == -ERESTART_RESTARTBLOCK:
-        regs_dict["rax"] = (-errno.EINTR) & 0xFFFFFFFFFFFFFFFF
+        if restart == "kept":
+            return regs_dict
+        regs_dict["rax"] = (-errno.EINTR if restart is None else restart) & 0xFFFFFFFFFFFFFFFF
     regs_dict["orig_rax"] = 0xFFFFFFFFFFFFFFFF
     return regs_dict
 

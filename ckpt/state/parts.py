@@ -23,8 +23,10 @@ A part is a class (or module) with any of:
 Adding a kind of state: one module in ckpt/state/ and one entry in PARTS.
 """
 from ckpt.state import deleted, vmflags  # noqa: E402
+from ckpt.state import membarrier, restart, sched, seccomp, timers  # noqa: E402
 
-PARTS = [vmflags, deleted]
+PARTS = [vmflags, deleted,
+         timers, membarrier, seccomp, sched, restart]
 
 
 class Capture:

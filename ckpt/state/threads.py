@@ -146,7 +146,7 @@ def restore_thread_regs(remote, d):
     t = remote.threads[d["tid"]]
     t.set_sigmask(d["sigmask"])
     t.set_xstate(base64.b64decode(d["xstate"]))
-    t.set_regs(regs_from_dict(fixup_restart(dict(d["regs"]))))
+    t.set_regs(regs_from_dict(fixup_restart(dict(d["regs"]), d.get("restart_done"))))
 
 
 def requeue_signals(remote, d, pid):
