@@ -328,3 +328,35 @@ def test_deleted_executable(procs, tmp_path, rs_built):
     assert all(path == exe for s, e, perms, path, f in smaps(pid) if "growsdown" in path)
     assert os.listdir(d) == []
     assert t.ask() == "ok 32 pages, depth 144"
+
+
+def test_malformed_records_are_refused(procs, tmp_path):
+    """An image whose vm_flags, cwd_deleted or deleted-file record was edited: refused with one
+    line naming the field, before anything is created; the image as made restores."""
+    from restore_support import rewrite_image
+    d = tmp_path / "files"
+    d.mkdir()
+    t = Gated(procs, tmp_path, "deleted", "files", d)
+    img = tmp_path / "image"
+    dump(t.pid, img)
+    reap_killed(t.p)
+
+    def vm(m):
+        m["process"]["vm_flags"] = [[1, 0, "gd"]]
+
+    def cwd(m):
+        m["process"]["cwd_deleted"] = {"mode": "x"}
+
+    def dfile(m):
+        for r in m["tree"]["shm"]:
+            if "deleted_file" in r:
+                r["deleted_file"] = {"path": "relative/name", "mode": 0o644}
+
+    for edit, word in ((vm, "vm_flags"), (cwd, "cwd_deleted"), (dfile, "relative/name")):
+        bad = tmp_path / ("bad-" + word.replace("/", "-"))
+        rewrite_image(img, bad, edit)
+        rc, out, err = run_ckpt("restore", bad)
+        assert rc != 0 and len(err.strip().splitlines()) == 1 and word in err, err
+        assert not alive(t.pid)
+    pid, _, err = restore_ok(procs, img)
+    assert t.ask() == "ok files"

@@ -23,9 +23,10 @@ def _links(pid):
     return (i["ppid"], i["pgid"], i["sid"], i["state"] == "Z")
 
 
-def _anon_shared(child, parent, ranges):
-    """Anonymous pages of `ranges` that child and parent map to the very same page frame (copy-
-    on-write sharing, /proc/PID/pagemap: present, not file-backed, same PFN)."""
+def _same_frames(child, parent, ranges):
+    """Pages of `ranges` that child and parent map to the very same page frame (copy-on-write
+    sharing of anonymous pages, or one page cache page of a private file mapping neither wrote:
+    /proc/PID/pagemap, present, same PFN)."""
     n = 0
     with open("/proc/%d/pagemap" % child, "rb", buffering=0) as a, \
             open("/proc/%d/pagemap" % parent, "rb", buffering=0) as b:
@@ -35,7 +36,7 @@ def _anon_shared(child, parent, ranges):
             y = struct.unpack("<%dQ" % cnt, os.pread(b.fileno(), cnt * 8, s // 4096 * 8))
             for u, v in zip(x, y):
                 pfn = u & ((1 << 55) - 1)
-                if u >> 63 and v >> 63 and not (u >> 61) & 1 and pfn and pfn == v & ((1 << 55) - 1):
+                if u >> 63 and v >> 63 and pfn and pfn == v & ((1 << 55) - 1):
                     n += 1
     return n
 
@@ -91,8 +92,11 @@ def test_family_dumped_whole_and_restored(procs, tmp_path):
     for proc in image_tree["processes"]:
         cow = [tuple(r) for r in proc.get("cow", [])]
         assert sum(e - s for s, e in cow) // 4096 > 100, proc["pid"]
-        # anonymous pages only: file pages are one page cache page whoever maps them
-        assert _anon_shared(proc["pid"], p.pid, cow) > 50, proc["pid"]
+        # anonymous or page cache pages: a page of a private file mapping equal to its file is
+        # not written at restore (it stays the file's page, as it was at the dump: these ranges
+        # are mostly such pages; restore used to write them as anonymous copies, which the dump
+        # recorded only because it sees absent pages as written)
+        assert _same_frames(proc["pid"], p.pid, cow) > 50, proc["pid"]
     os.kill(p.pid, signal.SIGUSR2)
     wait_file_line(out, lambda s: s.startswith("done "))
     got = read_lines(out)

@@ -585,16 +585,17 @@ class Builder:
             # the source of pages the image holds no data for: zero for anonymous memory (and
             # a deleted file's mapping whose file the image does not hold), else the file
             zero_src = m["kind"] == "anon" or (_deleted(m) and (m["dev"], m["inode"]) not in self.plan.shm)
+            src = None if zero_src else self._source_fd(m)
             if m["start"] in self.kept:
                 # inherited from the parent: the pages it shares stay; the others go back to
                 # their source (zero, or the file) and take the image's content below
                 own = _outside((m["start"], m["end"]), self.pp.cow)
                 r.many([(sysno.madvise, (a, b - a, MADV_DONTNEED)) for a, b in own],
                        what="madvise(MADV_DONTNEED) of the parent's pages")
-                spans += [(a, b, zero_src) for a, b in own]
+                spans += [(a, b, zero_src, src, m["offset"] + a - m["start"]) for a, b in own]
                 continue
-            spans.append((m["start"], m["end"], zero_src))
-        spans.sort()
+            spans.append((m["start"], m["end"], zero_src, src, m["offset"]))
+        spans.sort(key=lambda x: x[0])
         runs, buf, size = [], bytearray(), 0
 
         def flush():
@@ -611,7 +612,7 @@ class Builder:
 
         extents = reader.extents(self.pid)
         j = 0
-        for s, e, zero_src in spans:
+        for s, e, zero_src, src, off in spans:
             while j < len(extents) and extents[j][1] <= s:
                 j += 1
             k = j
@@ -626,14 +627,26 @@ class Builder:
                     if zero_src:
                         continue   # fresh anonymous memory is zero already: nothing to write
                     data = bytes(hi - lo)
-                runs.append((lo, hi - lo))
-                buf += data
-                size += hi - lo
+                pieces = [(lo, data)] if src is None else _differing(data, src, off + lo - s, lo)
+                for a, piece in pieces:
+                    runs.append((a, len(piece)))
+                    buf += piece
+                    size += len(piece)
                 if size >= WRITE_CHUNK:
                     flush()
         flush()
         if self.reprotect:
             r.many([(sysno.mprotect, x) for x in self.reprotect], what=lambda nr, a: "mprotect of %#x" % a[0])
+
+    def _source_fd(self, m):
+        """ckpt's fd of the file a private file mapping shows where it has no page of its own
+        (the mapped file, or a deleted file's object), or None."""
+        if m["kind"] != "file-private":
+            return None
+        if _deleted(m):
+            return self.plan.shm.get((m["dev"], m["inode"]))
+        key = self.pp.map_keys.get(m["start"], ("map", m["path"], O_RDONLY))
+        return self.pp.paths.held.get(key)
 
     # -- process ------------------------------------------------------------------------
     def _process_state(self):
@@ -730,6 +743,33 @@ class Builder:
     def release(self):
         for t in self.remote.threads.values():
             t.detach()
+
+
+def _differing(data, fd, off, addr):
+    """The pages of data (the image's, for address addr) that differ from file fd's at offset
+    off, as [(address, bytes)] runs. A page of a private file mapping equal to its file's is not
+    written: the process then shows the file's page (as one it never wrote), not a copy of it,
+    and sees later writes to the file as the dumped process did (the dump may record pages of
+    such a mapping that it only read: they are absent until then, and a live dump sees absent
+    pages as written)."""
+    n = len(data)
+    want = os.pread(fd, n, off)
+    if len(want) < n:
+        want += bytes(n - len(want))      # past the end of the file: zero, as the mapping shows it
+    if want == data:
+        return []
+    view, fview = memoryview(data), memoryview(want)
+    out, start = [], None
+    for p in range(0, n, PAGE_SIZE):
+        differs = view[p:p + PAGE_SIZE] != fview[p:p + PAGE_SIZE]
+        if differs and start is None:
+            start = p
+        elif not differs and start is not None:
+            out.append((addr + start, bytes(view[start:p])))
+            start = None
+    if start is not None:
+        out.append((addr + start, bytes(view[start:])))
+    return out
 
 
 def _reopen(fd, mode):
