@@ -13,21 +13,24 @@ number; for restart_syscall, the call ckpt saw the thread blocked in, in /proc/P
 syscall, before the dump stopped it the first time, or the `mov $nr, %eax` before its `syscall`
 instruction), and the time it had left:
   exactly, where the kernel left it in the arguments: an absolute end (clock_nanosleep with
-    TIMER_ABSTIME, FUTEX_WAIT_BITSET), or the remaining time written to nanosleep's and
-    clock_nanosleep's `rem` at the interruption;
-  otherwise (poll, nanosleep without `rem`, FUTEX_WAIT) only a bound: its timeout less the time
-    ckpt saw it blocked in that very call. Such a call is restarted with that bound (it may wake
-    later than it would have, never earlier, never with an error) -- unless the thread has a
-    signal handler it does not block: it may see EINTR from the call any time, and gets EINTR
-    (a program that keeps its own deadline then waits exactly what it had left).
+    TIMER_ABSTIME, FUTEX_WAIT_BITSET), the remaining time written to nanosleep's and
+    clock_nanosleep's `rem` at the interruption, or no timeout (poll with -1);
+  otherwise (poll, nanosleep without `rem`, FUTEX_WAIT: a relative timeout, and nothing tells
+    when the call began) only a bound: the timeout less the time ckpt saw the thread blocked in
+    that very call. Such a call is restarted with that bound: it never wakes early, nor with an
+    error, but late by as long as it had already slept when the dump began -- unless the thread
+    has a signal handler it does not block (a fault's or the C library's aside): such a program
+    may get EINTR from the call any time, and gets EINTR (one that keeps its own deadline then
+    waits exactly what it had left).
 
 Restore half, in stage "last": the thread's restart block is made again by running the same call
 (same pointers, the time left as its timeout) in the thread with a signal already pending (a
 SIGSTOP sent at its syscall-entry stop, taken back at its delivery stop): it returns
--ERESTART_RESTARTBLOCK with the block set up as the kernel sets it up. Its registers then stay as dumped (fixup_restart,
-"kept"), and once released the thread restarts the call through restart_syscall as after any
-stop, the clock running from the release. A call that completes when made again (a poll whose fd
-is ready, a futex whose word changed, no time left) resumes with that result.
+-ERESTART_RESTARTBLOCK with the block set up as the kernel sets it up. Its registers then stay
+as dumped (fixup_restart, "kept"), and once released the thread restarts the call through
+restart_syscall as after any stop, the clock of a relative timeout running from the release. A
+call that completes when made again (a poll whose fd is ready, a futex whose word changed, no
+time left) resumes with that result; one that cannot be made again comes back with EINTR.
 """
 import errno
 import math
@@ -46,6 +49,7 @@ SYS_poll, SYS_nanosleep, SYS_futex, SYS_restart_syscall, SYS_clock_nanosleep = 7
 KNOWN = (SYS_poll, SYS_nanosleep, SYS_futex, SYS_clock_nanosleep)
 NAMES = {SYS_poll: "poll", SYS_nanosleep: "nanosleep", SYS_futex: "futex", SYS_clock_nanosleep: "clock_nanosleep"}
 TIMER_ABSTIME = 1
+COMPLETIONS = {SYS_futex: (-errno.EAGAIN, -errno.ETIMEDOUT)}    # errors a call made again may end with
 FUTEX_WAIT, FUTEX_WAIT_BITSET, FUTEX_CMD_MASK = 0, 9, 0x7f
 NSEC = 1000000000
 ARGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
@@ -89,12 +93,20 @@ def _timespec(pid, addr):
     return sec * NSEC + nsec
 
 
+def _seen_here(pid, tid, regs, nr=None):
+    """What was seen of the thread before the first stop, if it was this call: at the same place,
+    with the same arguments (and the same number, when known)."""
+    seen = _seen.get(pid, {}).get(tid)
+    if seen and seen[3] == regs["rip"] and seen[2][:4] == [regs[a] for a in ARGS[:4]] and nr in (None, seen[1]):
+        return seen
+    return None
+
+
 def _which(pid, tid, regs):
     """The call behind restart_syscall: the one seen before the first stop at the same place
     with the same arguments, else the number loaded into eax right before the instruction."""
-    args = [regs[a] for a in ARGS]
-    seen = _seen.get(pid, {}).get(tid)
-    if seen and seen[3] == regs["rip"] and seen[2][:4] == args[:4]:
+    seen = _seen_here(pid, tid, regs)
+    if seen:
         return seen[1], seen[0]
     try:
         code = _mem(pid, regs["rip"] - 7, 7)
@@ -124,8 +136,8 @@ def _handles_signals(record, d):
 def _plan(pid, tid, regs, record, d, now):
     """(record for the restore, or None to leave it to EINTR)."""
     nr = to_signed(regs["orig_rax"])
-    seen = _seen.get(pid, {}).get(tid)
-    t_seen = seen[0] if seen and seen[1] == nr and seen[3] == regs["rip"] else None
+    seen = _seen_here(pid, tid, regs, nr)
+    t_seen = seen[0] if seen else None
     if nr == SYS_restart_syscall:
         nr, t_seen = _which(pid, tid, regs)
     if nr not in KNOWN:
@@ -225,7 +237,11 @@ def restore(remote, proc, threads, stage):
         remote.reset()
         nr, args = _call_again(remote, rec)
         result = _set_up(remote, d["tid"], nr, args)
-        d["restart_done"] = "kept" if result == -ERESTART_RESTARTBLOCK else result
+        if result == -ERESTART_RESTARTBLOCK:
+            d["restart_done"] = "kept"
+        elif result >= 0 or result in COMPLETIONS.get(nr, ()):
+            d["restart_done"] = result      # it completed at once: that is its result
+        # else (the call cannot be made again here): EINTR, as without this part
 
 
 def _tgkill(pid, tid, sig):
