@@ -123,6 +123,19 @@ def test_timer_on_another_process_cpu_clock_is_refused_untouched(procs, tmp_path
     assert _wait_done(out, p)[-2:] == ["ok timer still armed", "done"]
 
 
+def test_unarmed_thread_cpu_timer_of_an_unknown_thread_is_refused_and_the_target_runs_on(procs, tmp_path):
+    """A CLOCK_THREAD_CPUTIME_ID timer of a process of two threads measures the thread that made
+    it: /proc does not tell which, and an unarmed timer does not show it in the freeze either."""
+    out = tmp_path / "out"
+    p, _ = procs.start("ltstate", "idle-thread-timer", stdout=out)
+    wait_file_line(out, lambda s: s.startswith("before"), proc=p)
+    _refused(p.pid, tmp_path / "image", "process %d: POSIX timer 0 measures the CPU time of the thread that made it, "
+             "and it is not armed: which thread that is cannot be told; not supported" % p.pid)
+    assert status(p.pid)["TracerPid"] == "0"
+    os.kill(p.pid, signal.SIGUSR2)
+    assert _wait_done(out, p)[-2:] == ["ok timer still there", "done"]
+
+
 # ------------------------------------------------------------------ 2. membarrier
 def test_membarrier_registrations_come_back(procs, tmp_path):
     """Every registration the kernel offers (private expedited, sync-core, rseq, global

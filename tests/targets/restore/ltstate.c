@@ -17,6 +17,7 @@
  *   ltstate sched       three threads with their own policy, nice, affinity and I/O priority
  *   ltstate cputimer-of PID   a POSIX timer on the CPU clock of process PID (refused)
  *   ltstate notify      a seccomp filter with a user-space notifier, its listener closed (refused)
+ *   ltstate idle-thread-timer   a second thread's CLOCK_THREAD_CPUTIME_ID timer, never armed (refused)
  *   ltstate sleep MS [handler]
  *                       threads sleeping MS ms each in poll, nanosleep with and without `rem`,
  *                       clock_nanosleep TIMER_ABSTIME, pthread_cond_timedwait (FUTEX_WAIT_BITSET)
@@ -648,6 +649,27 @@ static int foreign_cpu_timer_mode(int argc, char **argv)
 	return 0;
 }
 
+static void *idle_timer_thread(void *arg)
+{
+	mk((timer_t *)arg, CLOCK_THREAD_CPUTIME_ID, SIGEV_NONE, 0, 0, 0);    /* made, never armed */
+	for (;;)
+		pause();
+	return NULL;
+}
+
+static int idle_thread_timer_mode(void)
+{
+	timer_t t = (timer_t)-1L;
+	pthread_t th;
+	pthread_create(&th, NULL, idle_timer_thread, &t);
+	while (t == (timer_t)-1L)
+		usleep(1000);
+	printf("before: a thread CPU-time timer, not armed\n");
+	gate();
+	printf("%s timer still there\n", left(t) == 0 ? "ok" : "BAD");
+	return 0;
+}
+
 static int notify_mode(void)
 {
 	/* a filter handing getsid to a supervisor (SECCOMP_RET_USER_NOTIF), its listener closed */
@@ -686,6 +708,8 @@ int main(int argc, char **argv)
 		r = foreign_cpu_timer_mode(argc, argv);
 	else if (!strcmp(mode, "notify"))
 		r = notify_mode();
+	else if (!strcmp(mode, "idle-thread-timer"))
+		r = idle_thread_timer_mode();
 	else if (!strcmp(mode, "sched"))
 		r = sched_mode();
 	else if (!strcmp(mode, "sleep")) {
