@@ -262,6 +262,32 @@ int64_t ck_read_runs(int pid, int mem_fd, const uint64_t *runs, int64_t nruns,
 	return rw_runs(pid, mem_fd, runs, nruns, dst, status, 0);
 }
 
+/*
+ * ck_read_runs through /proc/PID/mem alone (one pread per run): unlike process_vm_readv, which
+ * pins the pages it reads, it leaves pages the process shares copy-on-write with its parent or
+ * children shared (a pin of a shared anonymous page makes the kernel give the process its own
+ * copy). For the big runs of a full copy; the scattered written pages are private already.
+ */
+int64_t ck_read_runs_unpinned(int mem_fd, const uint64_t *runs, int64_t nruns, uint8_t *dst, int32_t *status)
+{
+	int64_t total = 0;
+	uint64_t off = 0;
+	for (int64_t i = 0; i < nruns; i++) {
+		uint64_t len = runs[2 * i + 1];
+		int64_t r = mem_fallback(mem_fd, runs[2 * i], len, dst + off, 0);
+		if (r < 0) {
+			if (r == -ESRCH)
+				return -ESRCH;
+			status[i] = (int32_t)-r;
+		} else {
+			status[i] = 0;
+			total += r;
+		}
+		off += len;
+	}
+	return total;
+}
+
 int64_t ck_write_runs(int pid, int mem_fd, const uint64_t *runs, int64_t nruns,
 		      const uint8_t *src, int32_t *status)
 {

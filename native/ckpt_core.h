@@ -56,3 +56,4 @@ struct ck_thread {
 	uint8_t stop_siginfo[128];
 };
 int ck_thread_state(int tid, struct ck_thread *t, uint8_t *xstate, int64_t xstate_cap, uint8_t *sigs, int32_t sig_cap);
+int64_t ck_read_runs_unpinned(int mem_fd, const uint64_t *runs, int64_t nruns, uint8_t *dst, int32_t *status);

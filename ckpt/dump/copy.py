@@ -210,7 +210,9 @@ class Copier:
             if to_sink is not None:
                 buf = self.spare.pop()
             try:
-                status = self.mem.read_runs(batch, buf)
+                # the streamed runs of a full copy through /proc/PID/mem: they may be pages the
+                # process shares copy-on-write, which a pinning read would unshare (MemIO)
+                status = self.mem.read_runs(batch, buf, unpinned=not scatter)
             except OSError as e:
                 if e.errno == errno.ESRCH:
                     raise TargetGone("process %d exited during the dump" % self.pid) from None

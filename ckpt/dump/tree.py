@@ -275,39 +275,56 @@ def _subtract(rng, covered):
     return [(s, e) for s, e in out if e > s]
 
 
-def _same_mapping(a, b):
-    return (a.start, a.end, a.perms, a.offset, a.kind, a.inode, a.dev) == (b.start, b.end, b.perms, b.offset, b.kind,
-                                                                           b.inode, b.dev)
+MAX_COW_PIECES = 64     # per mapping: restore maps the pieces around shared ranges one by one
+
+
+def _compatible(a, b):
+    """Two private mappings (child's, parent's) whose overlap can be the parent's pages for the
+    child: same kind and protection, and for files the same file at the same offsets."""
+    if a.kind != b.kind or a.perms != b.perms or a.deleted or b.deleted:
+        return False
+    if a.kind == "file-private":
+        return (a.dev, a.inode) == (b.dev, b.inode) and a.offset - a.start == b.offset - b.start
+    return True
 
 
 def cow_ranges(child, child_maps, parent, parent_maps):
     """The pages a child still shares with its parent since a fork (copy-on-write, written by
-    neither since): [(start, end)] within the private mappings both have identically. Restore
-    forks the child from its rebuilt parent, so they come back shared, neither copied nor
-    written twice. Found by page frame number (ck_cow_shared: root only; [] otherwise)."""
-    by_start = {v.start: v for v in parent_maps if v.kind in ("anon", "file-private") and not v.deleted}
-    pairs = [(v.start, v.end) for v in child_maps
-             if v.start in by_start and not v.deleted and _same_mapping(v, by_start[v.start])]
-    if not pairs:
-        return []
+    neither since): sorted (start, end) ranges where the child's and the parent's private
+    mappings overlap compatibly (their boundaries may differ: one merged with a neighbour).
+    Restore forks the child from its rebuilt parent and keeps exactly these ranges, so they
+    come back shared, neither copied nor written twice. Found by page frame number
+    (ck_cow_shared: root only; [] otherwise). A mapping whose shared ranges come in more than
+    MAX_COW_PIECES pieces is left out (restore maps around each piece)."""
+    priv = ("anon", "file-private")
+    theirs = sorted((v for v in parent_maps if v.kind in priv), key=lambda v: v.start)
     out = []
     fa = os.open("/proc/%d/pagemap" % child, os.O_RDONLY | os.O_CLOEXEC)
     try:
         fb = os.open("/proc/%d/pagemap" % parent, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            for start, end in pairs:
-                cap = (end - start) // PAGE_SIZE // 2 + 1
-                buf = ffi.new("uint64_t[]", 2 * cap)
-                n = lib.ck_cow_shared(fa, fb, start, end, buf, cap)
-                if n < 0:
-                    return []
-                flat = ffi.unpack(buf, 2 * n)
-                out += list(zip(flat[0::2], flat[1::2]))
+            for v in child_maps:
+                if v.kind not in priv:
+                    continue
+                found = []
+                for p in theirs:
+                    if p.end <= v.start or p.start >= v.end or not _compatible(v, p):
+                        continue
+                    lo, hi = max(v.start, p.start), min(v.end, p.end)
+                    cap = (hi - lo) // PAGE_SIZE // 2 + 1
+                    buf = ffi.new("uint64_t[]", 2 * cap)
+                    n = lib.ck_cow_shared(fa, fb, lo, hi, buf, cap)
+                    if n < 0:
+                        return []
+                    flat = ffi.unpack(buf, 2 * n)
+                    found += list(zip(flat[0::2], flat[1::2]))
+                if len(found) <= MAX_COW_PIECES:
+                    out += found
         finally:
             os.close(fb)
     finally:
         os.close(fa)
-    return out
+    return sorted(out)
 
 
 def subtract_runs(runs, ranges):

@@ -137,11 +137,11 @@ def verify_frozen(pid, maps, reader, shm=None, inherit=None):
                     for a in range(s, e, CHUNK):
                         b = min(e, a + CHUNK)
                         n = b - a
-                        if mem.read_runs([(a, n)], actual)[0]:
+                        if mem.read_runs([(a, n)], actual, unpinned=True)[0]:
                             # part of the run is not accessible (past the end of a file): page by page
                             for p in range(a, b, PAGE_SIZE):
                                 pa = bytearray(PAGE_SIZE)
-                                if mem.read_runs([(p, PAGE_SIZE)], pa)[0]:
+                                if mem.read_runs([(p, PAGE_SIZE)], pa, unpinned=True)[0]:
                                     continue
                                 pe = bytearray(PAGE_SIZE)
                                 exp.fill(vma, p, p + PAGE_SIZE, pe, file_fd)

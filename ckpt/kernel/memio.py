@@ -15,15 +15,21 @@ class MemIO:
             os.close(self.mem_fd)
             self.mem_fd = -1
 
-    def read_runs(self, runs, buf):
+    def read_runs(self, runs, buf, unpinned=False):
         """Read (addr, length) runs into buf back to back. Returns per-run errno (0 = read).
 
         A run that fails (a page beyond the end of a mapped file, a mapping gone) reports its
-        errno; the caller decides what that page is.
+        errno; the caller decides what that page is. unpinned: through /proc/PID/mem alone, which
+        leaves copy-on-write sharing as it is (process_vm_readv pins the pages, and a pinned page
+        shared with another process is unshared: the process gets its own copy); for big runs
+        of pages that may be shared, where one read per run costs nothing.
         """
         status = ffi.new("int32_t[]", max(1, len(runs)))
-        check(lib.ck_read_runs(self.pid, self.mem_fd, runs_array(runs), len(runs),
-                               ffi.from_buffer(buf), status), "reading memory of %d" % self.pid)
+        if unpinned:
+            r = lib.ck_read_runs_unpinned(self.mem_fd, runs_array(runs), len(runs), ffi.from_buffer(buf), status)
+        else:
+            r = lib.ck_read_runs(self.pid, self.mem_fd, runs_array(runs), len(runs), ffi.from_buffer(buf), status)
+        check(r, "reading memory of %d" % self.pid)
         return list(ffi.unpack(status, len(runs)))
 
     def write_runs(self, runs, buf):

@@ -36,7 +36,6 @@ MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
 MAP_GROWSDOWN, MAP_NORESERVE, MAP_FIXED_NOREPLACE = 0x100, 0x4000, 0x100000
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 F_ADD_SEALS = 1033
-MADV_DONTNEED = 4
 O_RDONLY, O_RDWR = 0, 2
 PR_SET_PDEATHSIG = 1
 PTRACE_SETOPTIONS = 0x4200
@@ -337,7 +336,7 @@ class Builder:
         self.plan = plan
         self.pp = pp
         self.parent = parent    # the parent's ProcPlan when the process was forked from it rebuilt
-        self.kept = {}          # start -> mapping inherited from the parent as it is (copy-on-write)
+        self.kept = []          # (start, end) inherited from the parent as they are (copy-on-write)
         self.reprotect = []     # (start, size, prot): mapped writable, mprotect'ed once written
         self.opts = opts
         self.pid = pp.pid
@@ -411,8 +410,8 @@ class Builder:
 
     def _reshape(self):
         """A process forked from its rebuilt parent: the parent's layout, pages and scratch area.
-        Mappings it shares pages with the parent (identical in both images) are kept as they
-        are; everything else is unmapped (and mapped again by _map_layout)."""
+        The ranges whose pages it shares with the parent (copy-on-write) are kept as they are;
+        everything else is unmapped (and mapped again by _map_layout around them)."""
         r = self.remote
         cur = procfs.read_maps(self.pid)
         r.insn = find_syscall_insn(self.pid, cur)
@@ -420,17 +419,11 @@ class Builder:
         if conf:
             r.call(sysno.rseq, conf["ptr"], conf["size"], threads.RSEQ_FLAG_UNREGISTER, conf["sig"],
                    what="unregistering the inherited rseq")
-        theirs = {m["start"]: m for m in self.parent.maps}
-        cow = self.pp.cow
-        for m in self.pp.maps:
-            p = theirs.get(m["start"])
-            if (m["kind"] in ("anon", "file-private") and not _deleted(m) and p is not None
-                    and all(m[k] == p[k] for k in ("end", "perms", "offset", "kind", "path", "inode", "dev"))
-                    and any(s < m["end"] and e > m["start"] for s, e in cow)):
-                self.kept[m["start"]] = m
+        # exactly the pages it shares with its parent (the dump found them, within private
+        # mappings both have compatibly); everything around them is mapped again
+        self.kept = [tuple(x) for x in self.pp.cow]
         stay = sorted([(v.start, v.end) for v in cur if v.special and v.path != "[vsyscall]"]
-                      + [(r.scratch, r.scratch + SCRATCH_SIZE)]
-                      + [(m["start"], m["end"]) for m in self.kept.values()])
+                      + [(r.scratch, r.scratch + SCRATCH_SIZE)] + self.kept)
         holes, lo = [], MMAP_MIN
         for s_, e_ in stay:
             if s_ > lo:
@@ -480,53 +473,12 @@ class Builder:
         try:
             for m in self.pp.maps:
                 k = m["kind"]
-                if k == "special" or m["start"] in self.kept:
+                if k == "special":
                     continue
-                size = m["end"] - m["start"]
-                prot = _prot(m["perms"])
-                flags = table.of(m)
-                extra = MAP_NORESERVE if flags and "nr" in flags else 0
-                if k != "shmem" and m["perms"][3] == "p" and (
-                        ("gd" in flags) if flags is not None else m["path"] == "[stack]"):
-                    extra |= MAP_GROWSDOWN
-                key = (m["dev"], m["inode"])
-                if m["perms"][3] == "p" and "w" not in m["perms"] and flags and "ac" in flags:
-                    # written once, then made read-only (or PROT_NONE): the memory stays charged
-                    # to the process (VmFlags ac), as a mapping made writable, then mprotect'ed,
-                    # is; mprotect'ed to its protection once its pages are written (_patch_pages)
-                    self.reprotect.append((m["start"], size, prot))
-                    prot |= PROT["w"]
-                if k == "shmem" or (k == "file-private" and _deleted(m) and key in local):
-                    # a memory object (shared memory, a deleted file): made once, in ckpt, and
-                    # mapped from an fd of the access the process had: read-only for a private
-                    # mapping and for a shared one made from a read-only fd (no VmFlags mw)
-                    mode = os.O_RDONLY if k != "shmem" or (flags is not None and "mw" not in flags) else os.O_RDWR
-                    okey = key + (mode,)
-                    if okey not in opened:
-                        fd = local[key]
-                        same = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == mode
-                        if not same:
-                            fd = _reopen(fd, mode)
-                        try:
-                            opened[okey] = r.take(fd, what="the memory object of %s" % m["path"])
-                        finally:
-                            if not same:
-                                os.close(fd)
-                    share = MAP_SHARED if k == "shmem" else MAP_PRIVATE
-                    calls.append((sysno.mmap, (m["start"], size, prot, share | MAP_FIXED_NOREPLACE | extra,
-                                               opened[okey], m["offset"])))
-                elif k == "anon" or (k == "file-private" and _deleted(m)):
-                    # (a deleted file's private mapping in an image that holds no copy of the file:
-                    # anonymous, its every page from the image)
-                    calls.append((sysno.mmap, (m["start"], size, prot,
-                                               MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE | extra, -1, 0)))
-                else:
-                    fkey = self.pp.map_keys.get(m["start"]) or ("map", m["path"], _map_mode(m, flags))
-                    if fkey not in opened:
-                        opened[fkey] = r.take(self.pp.paths.get(fkey), what="the mapped file %s" % m["path"])
-                    share = MAP_SHARED if k == "file-shared" else MAP_PRIVATE
-                    calls.append((sysno.mmap, (m["start"], size, prot, share | MAP_FIXED_NOREPLACE | extra,
-                                               opened[fkey], m["offset"])))
+                # around the ranges inherited from the parent (copy-on-write), in pieces
+                pieces = _outside((m["start"], m["end"]), self.kept) if self.kept else [(m["start"], m["end"])]
+                for lo, hi in pieces:
+                    calls += self._map_piece(m, lo, hi, table, local, opened)
         finally:
             for key, fd in local.items():
                 if key not in self.plan.shm:
@@ -538,6 +490,60 @@ class Builder:
         self.opened_fds = list(opened.values())
         if r.ckpt_pidfd is not None:
             self.opened_fds.append(r.ckpt_pidfd)
+
+    def _map_piece(self, m, start, end, table, local, opened):
+        """The mmap call for [start, end) of mapping m (all of it, or a piece around ranges
+        inherited from the parent)."""
+        r = self.remote
+        calls = []
+        k = m["kind"]
+        size = end - start
+        off = m["offset"] + (start - m["start"])
+        prot = _prot(m["perms"])
+        flags = table.of(m)
+        extra = MAP_NORESERVE if flags and "nr" in flags else 0
+        if k != "shmem" and m["perms"][3] == "p" and (
+                ("gd" in flags) if flags is not None else m["path"] == "[stack]"):
+            extra |= MAP_GROWSDOWN
+        key = (m["dev"], m["inode"])
+        if m["perms"][3] == "p" and "w" not in m["perms"] and flags and "ac" in flags:
+            # written once, then made read-only (or PROT_NONE): the memory stays charged
+            # to the process (VmFlags ac), as a mapping made writable, then mprotect'ed,
+            # is; mprotect'ed to its protection once its pages are written (_patch_pages)
+            self.reprotect.append((start, size, prot))
+            prot |= PROT["w"]
+        if k == "shmem" or (k == "file-private" and _deleted(m) and key in local):
+            # a memory object (shared memory, a deleted file): made once, in ckpt, and
+            # mapped from an fd of the access the process had: read-only for a private
+            # mapping and for a shared one made from a read-only fd (no VmFlags mw)
+            mode = os.O_RDONLY if k != "shmem" or (flags is not None and "mw" not in flags) else os.O_RDWR
+            okey = key + (mode,)
+            if okey not in opened:
+                fd = local[key]
+                same = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == mode
+                if not same:
+                    fd = _reopen(fd, mode)
+                try:
+                    opened[okey] = r.take(fd, what="the memory object of %s" % m["path"])
+                finally:
+                    if not same:
+                        os.close(fd)
+            share = MAP_SHARED if k == "shmem" else MAP_PRIVATE
+            calls.append((sysno.mmap, (start, size, prot, share | MAP_FIXED_NOREPLACE | extra,
+                                       opened[okey], off)))
+        elif k == "anon" or (k == "file-private" and _deleted(m)):
+            # (a deleted file's private mapping in an image that holds no copy of the file:
+            # anonymous, its every page from the image)
+            calls.append((sysno.mmap, (start, size, prot,
+                                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE | extra, -1, 0)))
+        else:
+            fkey = self.pp.map_keys.get(m["start"]) or ("map", m["path"], _map_mode(m, flags))
+            if fkey not in opened:
+                opened[fkey] = r.take(self.pp.paths.get(fkey), what="the mapped file %s" % m["path"])
+            share = MAP_SHARED if k == "file-shared" else MAP_PRIVATE
+            calls.append((sysno.mmap, (start, size, prot, share | MAP_FIXED_NOREPLACE | extra,
+                                       opened[fkey], off)))
+        return calls
 
     def _objects(self):
         """(dev, inode) -> ckpt's fd of every memory object the process maps: the tree's (made
@@ -586,15 +592,9 @@ class Builder:
             # a deleted file's mapping whose file the image does not hold), else the file
             zero_src = m["kind"] == "anon" or (_deleted(m) and (m["dev"], m["inode"]) not in self.plan.shm)
             src = None if zero_src else self._source_fd(m)
-            if m["start"] in self.kept:
-                # inherited from the parent: the pages it shares stay; the others go back to
-                # their source (zero, or the file) and take the image's content below
-                own = _outside((m["start"], m["end"]), self.pp.cow)
-                r.many([(sysno.madvise, (a, b - a, MADV_DONTNEED)) for a, b in own],
-                       what="madvise(MADV_DONTNEED) of the parent's pages")
-                spans += [(a, b, zero_src, src, m["offset"] + a - m["start"]) for a, b in own]
-                continue
-            spans.append((m["start"], m["end"], zero_src, src, m["offset"]))
+            # the ranges inherited from the parent (copy-on-write) are its pages already
+            for a, b in (_outside((m["start"], m["end"]), self.kept) if self.kept else [(m["start"], m["end"])]):
+                spans.append((a, b, zero_src, src, m["offset"] + a - m["start"]))
         spans.sort(key=lambda x: x[0])
         runs, buf, size = [], bytearray(), 0
 

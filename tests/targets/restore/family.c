@@ -16,6 +16,8 @@
  * Links: child 1 makes its own session, child 2 its own process group, which child 3 joins.
  * Every process appends lines to LOG through one open file description inherited across fork
  * (one offset: lines would overwrite each other if it were not shared).
+ * Before forking, the parent fills 4 MiB that all four only read afterwards (copy-on-write
+ * pages they share, checked at every step).
  * Child 3 has SIGTERM as its parent-death signal, the parent is a child subreaper: each checks
  * at every step that it still is (else "BAD").
  * ZOMBIE_AT > 0: a fourth child exits with status 7 at once; the parent reaps it at that step
@@ -38,6 +40,15 @@ struct report {
 
 static size_t slice_pages;
 static uint8_t *shared;
+/* written by the parent before it forks, only read since: copy-on-write pages all four share */
+#define HEIRLOOM_PAGES 1024
+static uint64_t *heirloom;
+
+static int heirloom_ok(long k)
+{
+	size_t p = (size_t)k % HEIRLOOM_PAGES;
+	return heirloom[p * 512] == p * 0x9e3779b97f4a7c15ULL + 1;
+}
 
 static void logline(int fd, const char *fmt, long a, long b)
 {
@@ -80,6 +91,11 @@ int main(int argc, char **argv)
 	shared = mmap(NULL, slice_pages * 4 * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 	if (shared == MAP_FAILED)
 		rs_die("mmap shared");
+	heirloom = mmap(NULL, HEIRLOOM_PAGES * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (heirloom == MAP_FAILED)
+		rs_die("mmap heirloom");
+	for (size_t p = 0; p < HEIRLOOM_PAGES; p++)
+		heirloom[p * 512] = p * 0x9e3779b97f4a7c15ULL + 1;
 	int cmd[NCHILD][2], rep[NCHILD][2];
 	if (prctl(PR_SET_CHILD_SUBREAPER, 1) < 0)
 		rs_die("PR_SET_CHILD_SUBREAPER");
@@ -113,7 +129,7 @@ int main(int argc, char **argv)
 					_exit(0);
 				if (n != sizeof(k))
 					rs_die("read token");
-				int bad = 0;
+				int bad = !heirloom_ok(k);
 				if (who == 3) {
 					int sig = 0;
 					if (prctl(PR_GET_PDEATHSIG, &sig) < 0 || sig != SIGTERM)
@@ -156,7 +172,7 @@ int main(int argc, char **argv)
 				if (write(cmd[i][1], &sent, sizeof(sent)) != sizeof(sent))
 					rs_die("write token");
 		}
-		int bad = 0, reaper = 0;
+		int bad = !heirloom_ok(k), reaper = 0;
 		hash = rs_mix(hash, work(0, k, priv, &bad));
 		if (prctl(PR_GET_CHILD_SUBREAPER, &reaper) < 0 || reaper != 1)
 			printf("BAD parent is no longer a child subreaper at step %ld\n", k);
