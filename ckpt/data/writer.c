@@ -4,6 +4,10 @@
  * the target can check itself: on SIGUSR1 it verifies every page it owns and prints "ok N" or
  * "BAD addr" on stdout.
  *
+ * Every page write is timed (the stamp's stores, with the fault a protected page takes): on
+ * SIGUSR2 the target prints "lat n N p50 A p99 B p999 C max D" (microseconds, all threads, since
+ * the previous SIGUSR2) and starts counting again: what a dump costs the target's own threads.
+ *
  * usage: writer SIZE_MB THREADS RATE(0 = flat out)
  */
 #define _GNU_SOURCE
@@ -53,6 +57,49 @@ static int check_page(size_t i)
 	return 1;
 }
 
+/* write latency histogram per thread: 0.25 us buckets up to 1 ms, then one overflow bucket */
+#define LAT_BUCKETS 4001
+static uint64_t (*lat)[LAT_BUCKETS];
+static uint64_t *lat_max_ns;
+
+static inline uint64_t now_ns(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+static void report_latency(void)
+{
+	uint64_t total = 0, max = 0;
+	static uint64_t sum[LAT_BUCKETS];
+	memset(sum, 0, sizeof(sum));
+	for (int t = 0; t < nthreads; t++) {
+		for (int b = 0; b < LAT_BUCKETS; b++) {
+			sum[b] += lat[t][b];
+			total += lat[t][b];
+			lat[t][b] = 0;
+		}
+		if (lat_max_ns[t] > max)
+			max = lat_max_ns[t];
+		lat_max_ns[t] = 0;
+	}
+	double q[3] = { 0.5, 0.99, 0.999 }, v[3] = { 0, 0, 0 };
+	for (int k = 0; k < 3; k++) {
+		uint64_t want = (uint64_t)(q[k] * (double)total), acc = 0;
+		for (int b = 0; b < LAT_BUCKETS; b++) {
+			acc += sum[b];
+			if (acc > want) {
+				v[k] = b < LAT_BUCKETS - 1 ? (b + 1) * 0.25 : (double)max / 1000.0;
+				break;
+			}
+		}
+	}
+	printf("lat n %llu p50 %.2f p99 %.2f p999 %.2f max %.1f\n", (unsigned long long)total, v[0], v[1], v[2],
+	       (double)max / 1000.0);
+	fflush(stdout);
+}
+
 static void *worker(void *arg)
 {
 	uint64_t id = (uint64_t)(uintptr_t)arg;
@@ -65,7 +112,12 @@ static void *worker(void *arg)
 		pthread_rwlock_rdlock(&park);
 		for (long b = 0; b < batch; b++) {
 			size_t i = base + (size_t)(rand_r(&seed) % per);
+			uint64_t t0 = now_ns();
 			stamp(i, id, counter++);
+			uint64_t d = now_ns() - t0;
+			lat[id][d / 250 < LAT_BUCKETS - 1 ? d / 250 : LAT_BUCKETS - 1]++;
+			if (d > lat_max_ns[id])
+				lat_max_ns[id] = d;
 		}
 		pthread_rwlock_unlock(&park);
 		if (rate) {
@@ -89,6 +141,7 @@ int main(int argc, char **argv)
 	sigset_t usr1;
 	sigemptyset(&usr1);
 	sigaddset(&usr1, SIGUSR1);
+	sigaddset(&usr1, SIGUSR2);
 	pthread_sigmask(SIG_BLOCK, &usr1, NULL);
 	/* the check must not starve behind workers that keep taking the read lock */
 	pthread_rwlockattr_t ra;
@@ -100,6 +153,9 @@ int main(int argc, char **argv)
 	if (buf == MAP_FAILED) { perror("mmap"); return 1; }
 	for (size_t i = 0; i < npages; i++)
 		stamp(i, i * nthreads / npages, 0);
+	if (nthreads < 1 || nthreads > 256) { fprintf(stderr, "1 to 256 threads\n"); return 1; }
+	lat = calloc((size_t)nthreads, sizeof(*lat));
+	lat_max_ns = calloc((size_t)nthreads, sizeof(*lat_max_ns));
 	pthread_t th[256];
 	for (int t = 0; t < nthreads; t++)
 		pthread_create(&th[t], NULL, worker, (void *)(uintptr_t)t);
@@ -107,7 +163,9 @@ int main(int argc, char **argv)
 	fflush(stdout);
 	for (;;) {
 		int sig = 0;
-		if (sigwait(&usr1, &sig) == 0 && sig == SIGUSR1) {
+		if (sigwait(&usr1, &sig) == 0 && sig == SIGUSR2) {
+			report_latency();
+		} else if (sig == SIGUSR1) {
 			pthread_rwlock_wrlock(&park);
 			size_t bad = 0, first = 0;
 			for (size_t i = 0; i < npages; i++)

@@ -605,6 +605,9 @@ class Dump:
                 try:
                     self._start(m)
                     refuse_namespaces(m.pid)
+                    why = parts.refuse(m.pid)
+                    if why:
+                        raise TargetError("process %d: %s" % (m.pid, why))
                     m.described = files.check(m.pid, list(self.members) + [m.pid])
                     m.freezer.preseize()
                 except Exception as e:
