@@ -377,3 +377,16 @@ def test_refuses_to_kill_pid_1(tmp_path):
             os.waitpid(sleeper, 0)      # ours if this process is a child subreaper
         except (ChildProcessError, NameError):
             pass
+
+
+def test_thread_group_without_its_leader_is_refused_naming_it(spawn, tmp_path):
+    """A process whose main thread has exited while another runs: refused up front with what
+    it is, and it runs on untouched."""
+    t = spawn("leaderless")
+    out = _outdir(tmp_path)
+    rc, so, se = run_ckpt("dump", t.pid, "-o", out / "image", "--leave-running")
+    assert rc != 0
+    line = one_line_error(se)
+    assert "main thread has exited" in line and "1 other thread still runs" in line, line
+    assert os.listdir(out) == []
+    assert t.alive()

@@ -53,6 +53,12 @@ def check_target(pid, leave_running=False):
     if tracer:
         raise TargetError("process %d is already traced by process %d (a debugger?); detach it first" % (pid, tracer))
     if st.get("State", "").startswith(("Z", "X")):
+        alive = [t for t in _tasks_or_none(pid) if t != pid and procfs.task_state(pid, t) not in (None, "Z", "X")]
+        if alive:
+            raise TargetError("process %d: its main thread has exited while %d other thread%s still run%s (a thread "
+                              "group without its leader: its memory is reachable only through those threads); "
+                              "not supported yet" % (pid, len(alive), "s" if len(alive) > 1 else "",
+                                                     "" if len(alive) > 1 else "s"))
         raise TargetError("process %d is a zombie" % pid)
     try:
         maps = procfs.read_maps(pid)
@@ -69,6 +75,13 @@ def check_target(pid, leave_running=False):
                                   % (pid, "blocked in vfork for child %d" % child if child else "blocked in vfork",
                                      tid))
     return maps
+
+
+def _tasks_or_none(pid):
+    try:
+        return procfs.tasks(pid)
+    except TargetGone:
+        return []
 
 
 def _refuse_kill(pid):
