@@ -450,6 +450,7 @@ int64_t ck_fd_scan(int pid, const int32_t *fds, int64_t n, struct ck_fdstat *out
 		info[r] = 0;
 		o->pos = fdinfo_field(info, "pos:", 10);
 		o->flags = (uint32_t)fdinfo_field(info, "flags:", 8);
+		o->has_lock = strstr(info, "\nlock:") != NULL;
 	}
 	close(ifd);
 	close(dfd);

@@ -28,6 +28,7 @@ int ck_spawn_stopped(int pid);
 struct ck_fdstat {
 	int32_t fd, err, has_stat, link_len;
 	uint32_t mode, flags;
+	int32_t has_lock, pad;    /* fdinfo lists a lock ("lock:") on the fd's file */
 	uint64_t dev, ino, rdev;
 	int64_t size, mtime_ns, pos;
 	char link[480];

@@ -166,7 +166,9 @@ def _open_fds(pid, ctx):
         else:
             link = os.fsdecode(ffi.string(o.link))
         st = FdStat(o.mode, o.dev, o.ino, o.rdev, o.size, o.mtime_ns) if o.has_stat else None
-        opened.append(OpenFd(ctx, o.fd, link, st, o.flags, o.pos))
+        f = OpenFd(ctx, o.fd, link, st, o.flags, o.pos)
+        f.has_lock = bool(o.has_lock)
+        opened.append(f)
     return opened
 
 

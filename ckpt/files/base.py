@@ -114,6 +114,7 @@ class OpenFd:
         self.st = st
         self.flags = flags
         self.pos = pos
+        self.has_lock = True    # whether fdinfo lists a lock on its file (ck_fd_scan tells)
         self._info = None
 
     @property

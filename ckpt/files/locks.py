@@ -1,7 +1,7 @@
 """File locks: flock locks, POSIX record locks (fcntl F_SETLK) and OFD locks (F_OFD_SETLK).
 
-Dump: /proc/locks says which files have locks at all (read once per dump context); for an fd
-of such a file, /proc/PID/fdinfo/FD lists ("lock:" lines) the locks set through that open file
+Dump: the fd scan (ck_fd_scan) says which fds' files have locks at all; for such an fd,
+/proc/PID/fdinfo/FD lists ("lock:" lines) the locks set through that open file
 and owned by it (flock, OFD) or by the process (POSIX). A lease (F_SETLEASE) is refused.
 
 Restore: after every fd of the process is in place (and the parked duplicates are closed: the
@@ -51,18 +51,14 @@ def system_locks():
         return []
 
 
-def _locked_files(ctx):
-    files = ctx.memo.get("locked_files")
-    if files is None:
-        files = ctx.memo["locked_files"] = {x["file"] for x in system_locks()}
-    return files
-
-
 def capture(f, entry):
     """entry["locks"]: the locks of this fd's open file (see the module docstring); None, or
     why they cannot be restored."""
     entry.pop("locks", None)
-    if f.st is None or (os.major(f.st.st_dev), os.minor(f.st.st_dev), f.st.st_ino) not in _locked_files(f.ctx):
+    # the fd scan saw no "lock:" line in its fdinfo: nothing to read (and /proc/locks, whose read
+    # takes the kernel's global file-lock semaphore for writing, costs milliseconds: never in
+    # the freeze for a file without locks)
+    if f.st is None or not f.has_lock:
         return None
     try:
         with open(procfs.proc(f.pid, "fdinfo", str(f.fd))) as fi:
