@@ -6,6 +6,8 @@ after each batch, so the target's memory is left exactly as it was.
 import struct
 
 from ckpt.kernel.memio import MemIO
+from ckpt.kernel.ptrace import inject_parallel
+from ckpt.state import blob as blob_mod     # imported now: an import inside the freeze costs milliseconds
 
 RED_ZONE = 128
 SCRATCH = 1024
@@ -52,7 +54,6 @@ class Injector:
 
     def _want_blob(self, jobs):
         if self.blob is None and self.use_blob and max(len(c) for _, c in jobs) >= BLOB_MIN_CALLS:
-            from ckpt.state import blob as blob_mod
             if blob_mod.usable(self.pid):
                 self.blob = blob_mod.Blob.create(self.pid, jobs[0][0], self.insn, self.mem)
                 self._blob_tracee = jobs[0][0]
@@ -71,7 +72,6 @@ class Injector:
                 return self._run_blob(jobs)
             except BlobTooSmall:
                 pass        # many threads: one single-step per syscall, as without a blob
-        from ckpt.kernel.ptrace import inject_parallel
         prepared, scratches = [], []
         try:
             for tracee, calls in jobs:
