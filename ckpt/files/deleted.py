@@ -23,20 +23,9 @@ from ckpt.errors import RestoreError
 from ckpt.files.base import O_ACCMODE, O_CLOEXEC, FdKind
 from ckpt.files.memfd import dev_name
 from ckpt.kernel import procfs
+from ckpt.state.deleted import _size, limit     # one size limit for deleted files, open or mapped
 
 DELETED = " (deleted)"
-
-
-def limit():
-    """The largest deleted file a dump saves, in bytes (CKPT_DELETED_FILE_MAX_MB)."""
-    try:
-        return int(float(os.environ.get("CKPT_DELETED_FILE_MAX_MB", "256")) * (1 << 20))
-    except ValueError:
-        return 256 << 20
-
-
-def _size(n):
-    return "%d bytes" % n if n < 1 << 20 else "%.1f MiB" % (n / (1 << 20))
 
 
 def _stat(f):
