@@ -12,15 +12,12 @@ interrupted. No timing is asserted.
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 from restore_support import WAIT, exists
-from test_demos import DEMOS, ROOT, _run_demo, reaper  # noqa: F401 (reaper is a fixture)
+from test_demos import DEMOS, _interrupt_during_load, _run_demo, reaper  # noqa: F401 (reaper is a fixture)
 
 SCRIPT = "checkpoint_nginx.py"
 
@@ -80,25 +77,8 @@ def test_nginx_demo_interrupted_cleans_up(reaper):  # noqa: F811
     """SIGTERM while nginx (master and workers), wrk and the probe run: the demo exits non-zero
     and leaves no nginx process, no wrk and no work directory behind."""
     _need()
-    p = subprocess.Popen([sys.executable, os.path.join(DEMOS, SCRIPT), "--phase-seconds", "60"],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
-                         text=True, start_new_session=True)
-    lines = []
-    try:
-        for line in p.stdout:
-            lines.append(line)
-            if line.startswith("load: wrk "):
-                break
-        assert lines and lines[-1].startswith("load: wrk "), "".join(lines)
-        master, workers, _, _ = _named("".join(lines))
-        assert all(exists(x) for x in [master] + workers), "".join(lines)
-        os.kill(p.pid, signal.SIGTERM)
-        rest, _ = p.communicate(timeout=WAIT)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.communicate()
-    out = "".join(lines) + rest
-    assert p.returncode != 0, out
-    assert "interrupted" in out, out
-    _assert_clean(out)
+    def running(out):
+        master, workers, _, _ = _named(out)
+        assert all(exists(x) for x in [master] + workers), out
+    _interrupt_during_load([os.path.join(DEMOS, SCRIPT), "--phase-seconds", "60"], "load: wrk ", _assert_clean,
+                           running)

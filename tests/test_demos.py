@@ -119,23 +119,21 @@ def test_demo_full_cycle(reaper, script, needs, args):
     _assert_clean(out)
 
 
-def test_demo_interrupted_cleans_up(reaper):
-    """SIGTERM while the server, its load and the probe run: the demo exits non-zero and leaves
-    no process and no work directory behind."""
-    why = _have("redis-server", "redis")
-    if why:
-        pytest.skip(why)
-    p = subprocess.Popen([sys.executable, os.path.join(DEMOS, "checkpoint_redis.py"), "--keys", "20000",
-                          "--phase-seconds", "30"],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
-                         text=True, start_new_session=True)
+def _interrupt_during_load(argv, prefix, assert_clean, while_loaded=None):
+    """Run a demo (argv after the interpreter) until it prints a line starting with `prefix`
+    (its load runs), call while_loaded(output so far), send it SIGTERM: it must exit non-zero,
+    say it was interrupted, and pass assert_clean(output)."""
+    p = subprocess.Popen([sys.executable] + argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, cwd=ROOT, text=True, start_new_session=True)
     lines = []
     try:
         for line in p.stdout:
             lines.append(line)
-            if line.startswith("load: "):
+            if line.startswith(prefix):
                 break
-        assert lines and lines[-1].startswith("load: "), "".join(lines)
+        assert lines and lines[-1].startswith(prefix), "".join(lines)
+        if while_loaded is not None:
+            while_loaded("".join(lines))
         os.kill(p.pid, signal.SIGTERM)
         rest, _ = p.communicate(timeout=WAIT)
     finally:
@@ -145,7 +143,17 @@ def test_demo_interrupted_cleans_up(reaper):
     out = "".join(lines) + rest
     assert p.returncode != 0, out
     assert "interrupted" in out, out
-    _assert_clean(out)
+    assert_clean(out)
+
+
+def test_demo_interrupted_cleans_up(reaper):
+    """SIGTERM while the server, its load and the probe run: the demo exits non-zero and leaves
+    no process and no work directory behind."""
+    why = _have("redis-server", "redis")
+    if why:
+        pytest.skip(why)
+    _interrupt_during_load([os.path.join(DEMOS, "checkpoint_redis.py"), "--keys", "20000", "--phase-seconds", "30"],
+                           "load: ", _assert_clean)
 
 
 def test_server_benchmark_runs(reaper, tmp_path):
