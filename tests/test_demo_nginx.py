@@ -12,12 +12,11 @@ interrupted. No timing is asserted.
 import os
 import re
 import shutil
-import time
 
 import pytest
 
-from restore_support import WAIT, exists
-from test_demos import DEMOS, _interrupt_during_load, _run_demo, reaper  # noqa: F401 (reaper is a fixture)
+from restore_support import exists
+from test_demos import DEMOS, _interrupt_during_load, assert_gone, _run_demo, reaper  # noqa: F401 (reaper is a fixture)
 
 SCRIPT = "checkpoint_nginx.py"
 
@@ -39,13 +38,7 @@ def _named(out):
 
 def _assert_clean(out):
     _, _, pids, work = _named(out)
-    deadline = time.monotonic() + WAIT
-    for pid in pids:
-        while exists(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not exists(pid), "process %d started by the demo is still there after it exited" % pid
-    for d in work:
-        assert not os.path.exists(d), "the demo left its work directory %s" % d
+    assert_gone(pids, work)
 
 
 def test_nginx_tree_full_cycle(reaper):  # noqa: F811

@@ -91,6 +91,11 @@ def _started(out):
 def _assert_clean(out):
     pids, work = _started(out)
     assert pids and work, "the demo did not name its processes and work directory:\n%s" % out[-3000:]
+    assert_gone(pids, work)
+
+
+def assert_gone(pids, work):
+    """Every process a demo started has exited, and its work directories are removed."""
     deadline = time.monotonic() + WAIT
     for pid in pids:
         while exists(pid) and time.monotonic() < deadline:
