@@ -231,3 +231,35 @@ def test_shared_fd_table_stays_shared(procs, tmp_path):
     restore_ok(procs, tmp_path / "sharedfds.img")
     wait_file_line(out, lambda s: s.startswith("round ") and len(read_lines(out)) > n + 3)
     assert not [s for s in read_lines(out) if s.startswith(("BAD", "ERROR", "CRASH"))], read_lines(out)[-5:]
+
+
+def test_interrupted_tree_dump_leaves_every_process_as_it_was(procs, tmp_path):
+    """ckpt interrupted (SIGINT) once every process of the tree is armed: the dump fails with the
+    reason, leaves no image, and every process runs on untraced, unstopped, with no mapping
+    still registered for write-protect, and keeps computing right."""
+    from conftest import proc_status, uffd_wp_vmas
+    log = tmp_path / "family.log"
+    out = tmp_path / "family.out"
+    p, _ = procs.start("family", 512, 10 ** 9, EVERY, -1, log, 0, stdout=out)
+    kids = [int(x) for x in wait_file_line(out, lambda s: s.startswith("family "), proc=p).split()[1:]]
+    for pid in kids:
+        procs.adopt(pid)
+    outdir = tmp_path / "images"
+    outdir.mkdir()
+    d = procs.popen_ckpt("dump", p.pid, "-o", outdir / "image", "--leave-running", "--verify")
+    deadline = time.monotonic() + WAIT
+    while not uffd_wp_vmas(kids[-1]):
+        assert d.poll() is None, "ckpt ended before arming the last child: %s" % (d.communicate(),)
+        assert time.monotonic() < deadline, "the last child was never armed"
+        time.sleep(0.002)
+    d.send_signal(signal.SIGINT)
+    _, err = d.communicate(timeout=WAIT)
+    assert d.returncode != 0 and "interrupted by signal %d" % signal.SIGINT in err, err
+    assert os.listdir(outdir) == []
+    for pid in [p.pid] + kids:
+        assert not uffd_wp_vmas(pid), "process %d still has write-protected mappings" % pid
+        st = proc_status(pid)
+        assert st["TracerPid"] == "0" and not st["State"].startswith(("t", "T")), (pid, st["State"])
+    n = len(read_lines(out))
+    wait_file_line(out, lambda s: s.startswith("step ") and len(read_lines(out)) > n + 2, proc=p)
+    assert not [s for s in read_lines(out) if s.startswith(("BAD", "ERROR", "CRASH"))], read_lines(out)[-5:]
