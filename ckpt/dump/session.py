@@ -478,10 +478,17 @@ class Dump:
             self._capture_state(m)
         tables = files.capture_tree([(m.pid, m.fdctx, m.described) for m in self.members.values()])
         mark("state")
-        for m in self.members.values():
+        for m in list(self.members.values()):
             m.maps = procfs.read_maps(m.pid, with_identity=True)
             if not m.maps:
-                raise TargetGone("process %d exited during the dump" % m.pid)   # its memory is gone
+                if m.pid == self.pid:
+                    raise TargetGone("process %d exited during the dump" % m.pid)   # its memory is gone
+                # a child caught in the middle of its exit (its memory already released): the
+                # zombie it is about to be, with the status it is exiting with
+                info = procfs.links(m.pid)
+                self._drop(m)
+                if info is not None:
+                    self.zombies.append(dict(info, state="Z"))
         mark("maps")
         # resume first when nothing more must be checked while frozen; a killed target dies only
         # once its image is safely in place
