@@ -19,7 +19,7 @@ import os
 import signal
 
 from ckpt.errors import KernelFeatureError
-from ckpt.kernel import pagemap
+from ckpt.kernel import pagemap, procfs
 from ckpt.kernel.native import PAGE_SIZE, ffi, lib
 from ckpt.kernel.uffd import ASYNC_FEATURES, SYNC_FEATURES, Uffd
 
@@ -38,6 +38,7 @@ class _UffdTracker:
         self.pid = pid
         self.pm = pagemap.Pagemap(pid)
         self.registered = {}   # (start, end) -> True for every range we registered
+        self.adopted = False   # built on a uffd initialised elsewhere (tracking kept: adopt())
 
     def register(self, vmas):
         return self._register(vmas)
@@ -69,6 +70,37 @@ class _UffdTracker:
         self.pm.close()
         self.uffd.close()
 
+    def ranges(self):
+        """The registered ranges, merged: [(start, end)] (what a kept tracking records)."""
+        out = []
+        for s, e in sorted(self.registered):
+            if out and s <= out[-1][1]:
+                out[-1] = (out[-1][0], max(e, out[-1][1]))
+            else:
+                out.append((s, e))
+        return out
+
+    def release(self):
+        """Close ckpt's own fds only: the registration and protection stay, for whoever else
+        holds the uffd (the holder of a kept tracking, ckpt/dump/keep.py)."""
+        self.pm.close()
+        self.uffd.close()
+
+    def unregister_all(self, maps=None):
+        """Unregister every trackable mapping of the target as it is now (maps: its listing,
+        read if not given) and every range known as registered: the protection is lifted."""
+        if maps is None:
+            try:
+                maps = procfs.read_maps(self.pid)
+            except Exception:
+                maps = []
+        for v in maps:
+            if v.kind in ("anon", "file-private"):
+                self.uffd.unregister(v.start, v.size)
+        for start, end in list(self.registered):
+            self.uffd.unregister(start, end - start)
+        self.registered.clear()
+
 
 class AsyncTracker(_UffdTracker):
     mode = "async"
@@ -76,6 +108,23 @@ class AsyncTracker(_UffdTracker):
     def __init__(self, uffd_fd, pid):
         super().__init__(uffd_fd, pid, ASYNC_FEATURES)
         self._helper = None
+        self.rearm_final = False   # the final scan re-arms too (tracking kept after the dump)
+
+    @classmethod
+    def adopt(cls, fd, pid, ranges):
+        """A tracker on a uffd initialised already (UFFDIO_API cannot be done twice): the held
+        uffd of a kept tracking (ckpt/dump/keep.py), registered on `ranges` [(start, end)].
+        Takes ownership of fd (closed by disarm() or release())."""
+        self = cls.__new__(cls)
+        self.uffd = Uffd(fd)
+        self.uffd.features = ASYNC_FEATURES
+        self.pid = pid
+        self.pm = pagemap.Pagemap(pid)
+        self.registered = {(int(s), int(e)): True for s, e in ranges}
+        self.adopted = True
+        self._helper = None
+        self.rearm_final = False
+        return self
 
     def protect(self, vmas):
         """Protect freshly registered mappings. Returns those whose old protection bits could
@@ -121,16 +170,18 @@ class AsyncTracker(_UffdTracker):
         return self._scan(vmas, pagemap.WP_MATCHING)
 
     def final(self, vmas):
-        """The last scan, frozen (nothing writes again: no re-arming). A large one is split in
-        two halves scanned at once on two CPUs (the ioctl walks page tables without the GIL)."""
+        """The last scan, frozen (nothing writes again: no re-arming, unless the tracking is
+        kept after the dump: rearm_final). A large one is split in two halves scanned at once
+        on two CPUs (the ioctl walks page tables without the GIL)."""
+        flags = pagemap.WP_MATCHING if self.rearm_final else 0
         total = sum(v.size for v in vmas)
         if total < PARALLEL_SCAN_MIN or (os.cpu_count() or 1) < 2:
-            return self._scan(vmas, 0)
+            return self._scan(vmas, flags)
         halves = _split(vmas, total // 2)
         if self._helper is None:
             self._helper = _ScanHelper(self.pid)
-        job = self._helper.submit(lambda pm: self._scan(halves[1][0], 0, pm, halves[1][1]))
-        first = self._scan(halves[0][0], 0, None, halves[0][1])
+        job = self._helper.submit(lambda pm: self._scan(halves[1][0], flags, pm, halves[1][1]))
+        first = self._scan(halves[0][0], flags, None, halves[0][1])
         second = job.result()
         untracked = list({id(v): v for v in first[0] + second[0]}.values())
         return untracked, first[1] + second[1]
@@ -146,6 +197,12 @@ class AsyncTracker(_UffdTracker):
             self._helper.close()
             self._helper = None
         super().disarm()
+
+    def release(self):
+        if self._helper is not None:
+            self._helper.close()
+            self._helper = None
+        super().release()
 
 
 PARALLEL_SCAN_MIN = 256 << 20      # below it one scan is faster than handing half to a thread
