@@ -117,14 +117,25 @@ def dump(pid, output, leave_running, max_pause, rounds, mode, verify, compress, 
               help="give the process ckpt's own terminal and standard streams where its own led out")
 @click.option("--allow-file-change", is_flag=True,
               help="reopen files whose size or mtime changed since the dump (same inode; mapped files never)")
+@click.option("--into", "into", type=int, default=None, metavar="PID",
+              help="roll the running process PID back to the image instead of making a new one")
+@click.option("--verify", is_flag=True, help="with --into: re-read all memory while frozen and compare it with the image")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object with the results")
-def restore(image, pidfile, foreground, tcp_close, shell_job, allow_file_change, as_json):
-    """Bring a dumped process back: same PID and thread IDs, same memory, all threads."""
+def restore(image, pidfile, foreground, tcp_close, shell_job, allow_file_change, into, verify, as_json):
+    """Bring a dumped process back: same PID and thread IDs, same memory, all threads.
+
+    With --into PID: roll the running process PID (the image's, since changed) back to the
+    image, comparing while it runs and writing only what differs in a short freeze."""
     from ckpt.restore.build import RestoreOptions
     from ckpt.restore.build import restore as do_restore
     opts = RestoreOptions(pidfile=pidfile, foreground=foreground, tcp_close=tcp_close, shell_job=shell_job,
                           allow_file_change=allow_file_change,
                           warn=lambda m: click.echo("ckpt: warning: %s" % m, err=True))
+    if into is not None:
+        _rollback(image, into, opts, verify, as_json)
+        return
+    if verify:
+        _fail("--verify needs --into (a dump's --verify checks the image it writes)")
     try:
         res = do_restore(image, opts)
     except CkptError as e:
@@ -138,6 +149,28 @@ def restore(image, pidfile, foreground, tcp_close, shell_job, allow_file_change,
     if foreground:
         status = _wait_foreground(res["pid"])
         sys.exit(status)
+
+
+def _rollback(image, pid, opts, verify, as_json):
+    from ckpt.restore.into import rollback
+    with _Signals() as sigs:
+        try:
+            res = rollback(image, pid, opts, interrupted=sigs, verify=verify)
+        except CkptError as e:
+            _fail(e)
+    if as_json:
+        click.echo(json.dumps(res))
+        return
+    click.echo("rolled process %d back to %s%s" % (pid, res["image"], " (tracking kept since its dump)"
+                                                    if res["tracking"] else ""))
+    click.echo("  pages compared %d, identical %d, written %d, dropped %d"
+               % (res["pages_compared"], res["pages_identical"], res["pages_written"], res["pages_dropped"]))
+    click.echo("  mappings unmapped %d, mapped again %d; threads ended %d, made %d; fds kept %d, made %d, closed %d"
+               % (res["mappings_unmapped"], res["mappings_mapped"], len(res["threads_ended"]), len(res["threads_made"]),
+                  len(res["fds_kept"]), len(res["fds_made"]), len(res["fds_closed"])))
+    click.echo("  freeze window: %.3f ms, total %.2f s" % (res["freeze_ms"], res["elapsed_s"]))
+    if res["verified"]:
+        click.echo("  verified: %d pages equal the image" % res["pages_verified"])
 
 
 def _wait_foreground(pid):

@@ -257,10 +257,49 @@ def restore_fds(remote, table_entries, options=None, paths=None, tree=None):
     for std in (0, 1, 2):
         if std not in keep:
             remote.call(sysno.close, std, ok_errors=(9,))
+    _place(remote, table_entries, keep, options, paths, tree)
+
+
+def rollback_fds(remote, table_entries, live, options=None, paths=None, tree=None):
+    """The fd table of a running process put back as the image has it (`ckpt restore --into`):
+    an fd of the image whose open file the process still holds under its number (the same
+    object: same inode, or device) is kept, with the image's flags and offset; the others are
+    made again; every fd opened since is closed. live: {fd: os.stat_result} of the process's
+    fds now. Returns (kept, made, closed) fd numbers."""
+    kept = {e["fd"] for e in table_entries if e["fd"] in live and same_object(e, live[e["fd"]])}
+    closed = sorted(fd for fd in live if fd not in kept)
+    remote.many([(sysno.close, (fd,)) for fd in closed], what="closing an fd opened since", ok_errors=(9,))
+    table = _place(remote, table_entries, kept, options, paths, tree)
+    for e in table_entries:
+        if e["fd"] in kept and "shares" not in e:
+            _set_fd_state(remote, e["fd"], e, table)
+    for e in table_entries:
+        if e["fd"] in kept:
+            _kind_call(e, BY_NAME.get(e["kind"], FdKind).rollback, remote, e, table)
+    return sorted(kept), sorted(e["fd"] for e in table_entries if e["fd"] not in kept), closed
+
+
+def same_object(entry, st):
+    """Whether a live fd (its os.stat result) is the open file's object of an image entry:
+    the same inode (on the same device where the entry names one), or for a device without
+    an inode in the record, the same device number."""
+    if isinstance(entry.get("inode"), int) and entry["inode"]:
+        dev = entry.get("dev")
+        return st.st_ino == entry["inode"] and (not isinstance(dev, int) or dev == st.st_dev)
+    if entry.get("kind") == "chardev" and isinstance(entry.get("rdev"), int):
+        return st.st_rdev == entry["rdev"]
+    return False
+
+
+def _place(remote, table_entries, keep, options, paths, tree):
+    """Every entry not in keep made at a high number, then dup2()'ed onto its own, flags,
+    owner and offset set; locks; then the kinds finish (epoll sets, sockets going live)."""
     base = max([e["fd"] for e in table_entries] + [2]) + 1
     table = Table(remote, base, options, tree)
     table.entries = table_entries
     table.paths = paths
+    for n in keep:
+        table.placed[n] = n
     placed = []
     for e in table_entries:
         if e["fd"] in keep:
@@ -284,11 +323,7 @@ def restore_fds(remote, table_entries, options=None, paths=None, tree=None):
     for e, fd in placed:
         n = e["fd"]
         remote.call(sysno.dup2, fd, n, what="dup2 onto fd %d" % n)
-        remote.call(sysno.fcntl, n, F_SETFL, e["flags"] & ~(O_ACCMODE | O_CLOEXEC), what="fcntl(F_SETFL) of fd %d" % n)
-        remote.call(sysno.fcntl, n, F_SETFD, 1 if e["flags"] & O_CLOEXEC else 0, what="fcntl(F_SETFD) of fd %d" % n)
-        fd_owner.restore(remote, n, e, table.tree)
-        if e["kind"] in ("file", "memfd") and e["pos"] and not e.get("inherit"):
-            remote.call(sysno.lseek, n, e["pos"], 0, what="lseek of fd %d" % n)
+        _set_fd_state(remote, n, e, table)
     for fd in set(table.parked):
         remote.call(sysno.close, fd, ok_errors=(9,))
     remote.forget_fds()
@@ -297,6 +332,16 @@ def restore_fds(remote, table_entries, options=None, paths=None, tree=None):
                        if "shares" not in e and "shares_with" not in e and not e.get("inherit"))
     for _, _, e in finishing:
         _kind_call(e, BY_NAME[e["kind"]].finish, remote, e, table)
+    return table
+
+
+def _set_fd_state(remote, n, e, table):
+    """Status flags, close-on-exec, owner and offset of fd n as the entry has them."""
+    remote.call(sysno.fcntl, n, F_SETFL, e["flags"] & ~(O_ACCMODE | O_CLOEXEC), what="fcntl(F_SETFL) of fd %d" % n)
+    remote.call(sysno.fcntl, n, F_SETFD, 1 if e["flags"] & O_CLOEXEC else 0, what="fcntl(F_SETFD) of fd %d" % n)
+    fd_owner.restore(remote, n, e, table.tree)
+    if e["kind"] in ("file", "memfd") and e["pos"] and not e.get("inherit"):
+        remote.call(sysno.lseek, n, e["pos"], 0, what="lseek of fd %d" % n)
 
 
 DEV_NULL = {"path": "/dev/null", "rdev": os.makedev(1, 3)}

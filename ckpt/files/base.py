@@ -89,6 +89,13 @@ class FdKind:
         pass
 
     @classmethod
+    def rollback(cls, remote, entry, table):
+        """`ckpt restore --into`: the process kept this fd's object (the same one as the
+        image's); put back what the object holds that may have changed since (an epoll set's
+        items). Flags and offset are set already."""
+        pass
+
+    @classmethod
     def restored(cls, metas, ok):
         pass
 

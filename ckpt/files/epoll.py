@@ -27,6 +27,7 @@ from ckpt.kernel import procfs, sysno
 
 SYS_kcmp, KCMP_EPOLL_TFD = 312, 7
 EPOLL_CTL_ADD = 1
+EPOLL_CTL_DEL = 2
 EPOLLET, EPOLLONESHOT, EPOLLWAKEUP, EPOLLEXCLUSIVE = 1 << 31, 1 << 30, 1 << 29, 1 << 28
 EP_PRIVATE_BITS = EPOLLET | EPOLLONESHOT | EPOLLWAKEUP | EPOLLEXCLUSIVE
 POLL_ALL = 0x1 | 0x2 | 0x4 | 0x40 | 0x80 | 0x100 | 0x200 | 0x2000    # IN PRI OUT RDNORM RDBAND WRNORM WRBAND RDHUP
@@ -153,6 +154,21 @@ class Epoll(FdKind):
         fd = remote.call(sysno.epoll_create1, O_CLOEXEC, what="epoll_create1 for fd %d" % entry["fd"])
         table.objects.setdefault("epoll", {})[entry["fd"]] = entry
         return fd
+
+    @classmethod
+    def rollback(cls, remote, entry, table):
+        """The set the process kept: every item it holds now removed, the image's added."""
+        n = entry["fd"]
+        try:
+            with open(procfs.proc(remote.pid, "fdinfo", str(n))) as f:
+                info = f.read()
+        except OSError as e:
+            raise RestoreError("fd %d (epoll): cannot read its items: %s" % (n, e.strerror)) from None
+        now = [int(x) for x in re.findall(r"^tfd:\s*(\d+)", info, re.M)]
+        remote.many([(sysno.epoll_ctl, (n, EPOLL_CTL_DEL, t, 0)) for t in now],
+                    what="fd %d (epoll): removing an item added since" % n, ok_errors=(2, 9))
+        table.objects.setdefault("epoll", {})[n] = entry
+        cls.finish(remote, entry, table)
 
     @classmethod
     def finish(cls, remote, entry, table):

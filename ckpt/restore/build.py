@@ -76,7 +76,8 @@ class ProcPlan:
 class Plan:
     """Everything restore needs, read and checked before anything is created."""
 
-    def __init__(self, path, opts=None):
+    def __init__(self, path, opts=None, rollback=False):
+        """rollback: for `ckpt restore --into` (ckpt/restore/into.py), whose process holds the PIDs."""
         self.opts = opts if opts is not None else RestoreOptions()
         self.reader = ImageReader(path)
         self.members = []
@@ -109,7 +110,8 @@ class Plan:
                 self._open_files(pp)
                 files.precheck(pp.fds, pp.paths, self.opts)
             self.paths = root.paths
-            self._check_pids()
+            if not rollback:
+                self._check_pids()
         except BaseException:
             self.close()
             if getattr(self, "metas", None) is not None:

@@ -1,0 +1,788 @@
+"""Rollback: the seed's load algorithm on a running process (`ckpt restore IMAGE --into PID`).
+
+The hibernation proposal loads an image into a running system: pages that are free are loaded
+directly; every other page is write-protected and compared with what is loaded, discarded when
+identical, staged when different (and compared again if it is written after being protected);
+then everything stops briefly and only the differing pages are restored, at once. Here the
+system is a process that runs the image's program, typically the one the image was dumped from
+with --leave-running, since changed:
+
+  plan     the image read and checked whole (ckpt/restore/build.Plan), and what cannot be rolled
+           back refused before the process is touched: another program or PID, credentials or
+           seccomp filters changed since, children, shared memory
+  arm      its memory write-protected (the dump's tracker, async uffd-wp); with tracking kept
+           since the image's dump (ckpt/dump/keep.py) the pages written since are known already
+  compare  while it runs: every page that may differ from the image (those the image or the
+           process holds; with kept tracking only those written since the dump) is read and
+           compared with what the image says it holds; identical pages are discarded, the
+           others staged
+  freeze   every thread stopped; the pages written since they were protected compared again
+  patch    threads created since ended; the layout put back (mappings that are not exactly the
+           image's unmapped, the image's mapped and filled); only the staged pages written, or
+           dropped (MADV_DONTNEED) where the image holds no page (zero, or the file's);
+           process state, the fd table (fds of the same objects kept, those opened since
+           closed, the others made again), pending signals, threads gone made again with their
+           TIDs, per-thread state and registers; then all threads released together
+
+A failure before the freeze leaves the process as it was (protection lifted, threads released);
+a failure after it has begun kills the process: it is never left half rolled back.
+"""
+import bisect
+import errno
+import os
+import signal
+import struct
+import time
+
+from ckpt.dump import copy as copymod
+from ckpt.dump.freeze import Freezer, check_target, steal_uffd
+from ckpt.dump.tracker import AsyncTracker
+from ckpt.dump.verify import CHUNK, _Expected, verify_frozen
+from ckpt.errors import CkptError, RestoreError, TargetError, TargetGone
+from ckpt.files.base import TreeObjects
+from ckpt import files
+from ckpt.kernel import features, pagemap, procfs, sysno
+from ckpt.kernel.memio import first_diff_page
+from ckpt.kernel.native import PAGE_SIZE
+from ckpt.kernel.ptrace import _call, find_syscall_insn, sigchld_blocked
+from ckpt.kernel.uffd import USER_MODE_ONLY
+from ckpt.restore.build import Builder, Plan, _free_gap, _map_mode, pid_taken
+from ckpt.restore.remote import SCRATCH_SIZE, Remote
+from ckpt.state import parts, process, seccomp, threads, timers, vmflags
+
+O_CLOEXEC, O_NONBLOCK = 0o2000000, 0o4000
+MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
+MADV_DONTNEED = 4
+PTRACE_SETOPTIONS = 0x4200
+PTRACE_O_TRACECLONE, PTRACE_O_SUSPEND_SECCOMP = 8, 1 << 21
+SYS_exit = 60
+WALL = 0x40000000
+# the mapping attributes that make one the image's: a page of a mapping equal in all of them is
+# compared; any other mapping is unmapped and mapped again
+IDENTITY = ("perms", "kind", "dev", "inode", "path")
+
+
+class RollbackInterrupted(CkptError):
+    pass
+
+
+def rollback(path, pid, opts, interrupted=lambda: None, verify=False):
+    return Rollback(path, pid, opts, interrupted, verify).run()
+
+
+class Rollback:
+    def __init__(self, path, pid, opts, interrupted=lambda: None, verify=False):
+        self.path = path
+        self.pid = pid
+        self.opts = opts
+        self.interrupted = interrupted
+        self.verify = verify
+        self.plan = None
+        self.tracker = None
+        self.held = None            # the tracking kept since a dump (ckpt/dump/keep.py), if any
+        self.tracking = False       # its written bits count from this image's freeze
+        self.freezer = None
+        self.stops = []
+        self.write = set()          # page addresses staged: the image's content written there
+        self.drop = set()           # page addresses staged: dropped (the image holds no page there)
+        self.compared = 0
+        self.t0 = time.perf_counter()
+
+    def _check(self):
+        sig = self.interrupted()
+        if sig:
+            raise RollbackInterrupted("interrupted by signal %d; rollback abandoned, process %d left running as it was"
+                                      % (sig, self.pid))
+
+    # ------------------------------------------------------------------ run
+    def run(self):
+        if not isinstance(self.pid, int) or self.pid <= 0:
+            raise TargetError("invalid PID %r" % (self.pid,))
+        self.plan = Plan(self.path, self.opts, rollback=True)
+        try:
+            self._refuse()
+            check_target(self.pid, leave_running=True)
+            self.pidfd = os.pidfd_open(self.pid)
+            try:
+                return self._run()
+            finally:
+                os.close(self.pidfd)
+        finally:
+            self.plan.close()
+
+    def _run(self):
+        try:
+            self._arm()
+            self._compare_live()
+            self._check()
+            self.freezer = Freezer(self.pid, check=self._check)
+            self.freezer.preseize()
+            with sigchld_blocked():
+                self.freezer.t_first_interrupt = time.perf_counter()
+                self.freezer.interrupt_all()
+                self.freezer.await_all()
+        except BaseException as e:
+            self._abandon()
+            if isinstance(e, OSError) and not isinstance(e, CkptError):
+                if e.errno == errno.ESRCH or self._exited():
+                    raise TargetGone("process %d exited during the rollback" % self.pid) from None
+                raise CkptError("rollback of process %d failed: %s" % (self.pid, e)) from e
+            raise
+        # from here on the process is changed: rolled back whole, or killed
+        try:
+            res = self._frozen()
+        except BaseException as e:
+            self._kill()
+            why = e if isinstance(e, CkptError) else "%s: %s" % (type(e).__name__, e)
+            raise RestoreError("rollback of process %d failed after its freeze began: %s; the process was killed "
+                               "(never left half rolled back)" % (self.pid, why)) from e
+        return res
+
+    def _exited(self):
+        try:
+            return procfs.proc_state(self.pid) in ("Z", "X")
+        except CkptError:
+            return True
+
+    # ------------------------------------------------------------------ plan
+    def _refuse(self):
+        """What cannot be rolled back, refused before the process is touched, naming it."""
+        plan, pid = self.plan, self.pid
+        if len(plan.members) > 1 or plan.zombies:
+            raise RestoreError("%s holds a process tree (%d processes): rollback (--into) takes the image of one "
+                               "process" % (self.path, len(plan.members) + len(plan.zombies)))
+        if plan.pid != pid:
+            raise RestoreError("%s is an image of process %d, not %d: rollback (--into) puts a process back to its "
+                               "own image (thread IDs live in its memory)" % (self.path, plan.pid, pid))
+        if not procfs.exists(pid) or self._exited():
+            raise TargetGone("process %d is not running" % pid)
+        p = plan.proc
+        try:
+            st = os.stat(procfs.proc(pid, "exe"))
+        except OSError as e:
+            raise TargetGone("process %d: cannot read its executable: %s" % (pid, e.strerror)) from None
+        exe = p.get("exe_file") or {}
+        if (st.st_dev, st.st_ino) != (exe.get("dev"), exe.get("inode")):
+            raise RestoreError("process %d runs %s, not the image's program %s: rollback needs the same executable"
+                               % (pid, procfs.readlink(pid, "exe"), p.get("exe")))
+        now = process.credentials(pid)
+        for k in ("uid", "gid", "groups", "cap_eff", "cap_prm", "cap_inh", "cap_bnd"):
+            if now.get(k) != p["creds"].get(k):
+                raise RestoreError("process %d: its credentials changed since the image (%s %s, was %s): "
+                                   "rollback never changes a process's privileges"
+                                   % (pid, k, now.get(k), p["creds"].get(k)))
+        kids = procfs.children(pid)
+        if kids:
+            raise RestoreError("process %d has children (%s): rollback (--into) takes a process alone, and would "
+                               "leave them behind" % (pid, " ".join(map(str, kids))))
+        if plan.shm_records:
+            raise RestoreError("%s: the process maps shared memory or deleted files (%d objects), which rollback "
+                               "(--into) does not put back" % (self.path, len(plan.shm_records)))
+        main = next((t for t in plan.threads if t["tid"] == pid), {})
+        want = len((main.get("seccomp") or {}).get("filters", []))
+        have = int(procfs.status(pid).get("Seccomp_filters", "0") or 0)
+        if want != have:
+            raise RestoreError("process %d: it has %d seccomp filters, the image %d: filters cannot be removed "
+                               "or added by a rollback" % (pid, have, want))
+        feats = features.probe()
+        if not feats["async"]:
+            raise RestoreError("rollback (--into) needs userfaultfd WP_ASYNC and PAGEMAP_SCAN (Linux 6.7+)")
+        process.refuse_namespaces(pid)
+        for t in plan.threads:
+            if not procfs.exists(t["tid"]) and pid_taken(t["tid"]) and t["tid"] not in procfs.tasks(pid):
+                raise RestoreError("thread %d of the image has exited and its TID is taken by another process: "
+                                   "it cannot be made again" % t["tid"])
+
+    # ------------------------------------------------------------------ arm, compare
+    def _arm(self):
+        """Write-protect the process's memory: with the tracking kept since a dump, its uffd and
+        the pages written since; else a uffd made in the process, registered with every thread
+        stopped (see Dump._register_stopped) and protected."""
+        self._check()
+        try:
+            from ckpt.dump import keep
+        except ImportError:
+            keep = None
+        self.held = keep.find(self.pid) if keep is not None else None
+        if self.held is not None:
+            image_id = (self.plan.metas.get("dump") or {}).get("image_id")
+            self.tracking = image_id is not None and self.held.base == image_id
+            self.tracker = AsyncTracker.adopt(self.held.take_uffd(), self.pid, self.held.ranges)
+            return
+        t = time.perf_counter()
+        fd = steal_uffd(self.pid, procfs.read_maps(self.pid), O_CLOEXEC | O_NONBLOCK | USER_MODE_ONLY,
+                        check=self._check)
+        self.stops.append({"what": "uffd", "ms": round((time.perf_counter() - t) * 1000, 3)})
+        try:
+            self.tracker = AsyncTracker(fd, self.pid)
+        except BaseException:
+            os.close(fd)
+            raise
+        stop = Freezer(self.pid, check=self._check)
+        try:
+            stop.freeze()
+            ok, _ = self.tracker.register(_trackable(procfs.read_maps(self.pid)))
+        finally:
+            stop.thaw()
+            self.stops.append({"what": "arm", "ms": round(stop.freeze_ms, 3)})
+        self.tracker.protect(ok)
+
+    def _kept(self, maps):
+        """The process's mappings that are exactly the image's (merged neighbours alike) and
+        tracked: their pages are compared. Returns (kept live mappings, image mappings to map
+        again, live mappings to unmap)."""
+        image = [m for m in self.plan.maps if m["kind"] != "special"]
+        live = [v for v in maps if v.kind != "special"]
+        cov = _coverage(self.tracker)
+        ikeys = {_segment_key(s) for s in _segments([_image_attrs(m) for m in image])}
+        keep_ranges = []
+        for seg in _segments([_live_attrs(v) for v in live]):
+            if _segment_key(seg) in ikeys:
+                keep_ranges.append((seg["start"], seg["end"]))
+        kept = [v for v in live if _inside(v, keep_ranges) and cov(v)]
+        kr = [(v.start, v.end) for v in kept]
+        again = [m for m in image if not _covered(m["start"], m["end"], kr)]
+        gone = [v for v in live if not _inside(v, kr)]
+        return kept, again, gone
+
+    def _compare_live(self):
+        """While the process runs: the pages of kept mappings that may differ from the image,
+        compared; with kept tracking only those written since the image's freeze."""
+        self._check()
+        maps = procfs.read_maps(self.pid, with_identity=True)
+        kept, _, _ = self._kept(maps)
+        tracked = [v for v in kept if v.kind in ("anon", "file-private")]
+        if self.tracking:
+            untracked, runs = self.tracker.written(tracked)
+            if untracked:       # registered no more (replaced since): compared whole
+                self.tracking_lost = True
+                runs += self._candidates(untracked)
+            self.candidates_live = runs
+        else:
+            self.tracker.written(tracked)      # protection (re)armed from now: later writes flagged
+            runs = self._candidates(tracked)
+        self._compare(tracked, runs)
+
+    def _candidates(self, vmas):
+        """Pages that may differ from the image: those the process holds (present or swapped)
+        and those the image holds."""
+        exp = self._expected()
+        out = []
+        pm = self.tracker.pm
+        for v in vmas:
+            present = [(s, e) for s, e, _ in pm.scan([(v.start, v.end)], anyof=pagemap.PRESENT | pagemap.SWAPPED,
+                                                     ret_mask=pagemap.PRESENT)]
+            out += [(s, e - s) for s, e in copymod.merge_ranges(present + exp.image_runs(v.start, v.end))]
+        return out
+
+    def _expected(self):
+        if getattr(self, "_exp", None) is None:
+            self._exp = _Expected(self.pid, self.plan.reader)
+        return self._exp
+
+    def _compare(self, vmas, runs, into=None, count=True):
+        """Compare runs [(addr, length)] of these mappings with the image: staged into write
+        (the image holds the page) or drop (it does not: the page is its source's)."""
+        into = into or (self.write, self.drop)
+        if not runs:
+            return
+        exp = self._expected()
+        starts = [v.start for v in vmas]
+        actual, expected = bytearray(CHUNK), bytearray(CHUNK)
+        from ckpt.kernel.memio import MemIO
+        mem = MemIO(self.pid)
+        try:
+            for a0, n0 in sorted(runs):
+                for a in range(a0, a0 + n0, CHUNK):
+                    b = min(a0 + n0, a + CHUNK)
+                    i = bisect.bisect_right(starts, a) - 1
+                    if i < 0 or vmas[i].end < b:
+                        # the run crosses mappings (a scan's run): page by page
+                        for p in range(a, b, PAGE_SIZE):
+                            j = bisect.bisect_right(starts, p) - 1
+                            if j >= 0 and vmas[j].end > p:
+                                self._compare_range(mem, exp, vmas[j], p, p + PAGE_SIZE, actual, expected,
+                                                    into, count)
+                        continue
+                    self._compare_range(mem, exp, vmas[i], a, b, actual, expected, into, count)
+        finally:
+            mem.close()
+
+    def _compare_range(self, mem, exp, vma, a, b, actual, expected, into, count):
+        n = b - a
+        fd = self._source_fd(vma)
+        if mem.read_runs([(a, n)], actual, unpinned=True)[0]:
+            if n > PAGE_SIZE:       # part of it cannot be read (past the end of a file): page by page
+                for p in range(a, b, PAGE_SIZE):
+                    self._compare_range(mem, exp, vma, p, p + PAGE_SIZE, actual, expected, into, count)
+            return
+        exp.fill(vma, a, b, expected, fd)
+        held = copymod.merge_ranges(exp.image_runs(a, b))
+        av, ev = memoryview(actual), memoryview(expected)
+        npages = n // PAGE_SIZE
+        k = 0
+        while k < npages:
+            d = first_diff_page(av[k * PAGE_SIZE:n], ev[k * PAGE_SIZE:n], npages - k)
+            if d < 0:
+                break
+            p = a + (k + d) * PAGE_SIZE
+            into[0 if _in(held, p) else 1].add(p)
+            k += d + 1
+        if count:
+            self.compared += npages
+
+    def _source_fd(self, vma):
+        """ckpt's fd of the file a private file mapping shows where it has no page of its own:
+        the one the plan opened as the process."""
+        if vma.kind != "file-private":
+            return None
+        pp = self.plan.members[0]
+        m = next((m for m in pp.maps if m["start"] <= vma.start < m["end"]), None)
+        key = pp.map_keys.get(m["start"]) if m else None
+        fd = pp.paths.held.get(key or ("map", vma.path, 0))
+        if fd is None and m is not None:
+            fd = pp.paths.held.get(("map", m["path"], _map_mode(m, None)))
+        return fd
+
+    # ------------------------------------------------------------------ the freeze
+    def _frozen(self):
+        t_frozen = time.perf_counter()
+        marks = {"stop_threads": round((t_frozen - self.freezer.t_first_interrupt) * 1000, 3)}
+        lap = [t_frozen]
+
+        def mark(name):
+            now = time.perf_counter()
+            marks[name] = round((now - lap[0]) * 1000, 3)
+            lap[0] = now
+        pid = self.pid
+        maps = procfs.read_maps(pid, with_identity=True)
+        kept, again, gone = self._kept(maps)
+        tracked = [v for v in kept if v.kind in ("anon", "file-private")]
+        # pages written since they were protected (and kept mappings found unregistered now:
+        # replaced meanwhile, so mapped again whole)
+        untracked, runs = self.tracker.final(tracked)
+        if untracked:
+            bad = {(v.start, v.end) for v in untracked}
+            kept = [v for v in kept if (v.start, v.end) not in bad]
+            kr = [(v.start, v.end) for v in kept]
+            again = [m for m in self.plan.maps if m["kind"] != "special" and not _covered(m["start"], m["end"], kr)]
+            gone = [v for v in maps if v.kind != "special" and not _inside(v, kr)]
+            tracked = [v for v in kept if v.kind in ("anon", "file-private")]
+        for a, n in runs:
+            for p in range(a, a + n, PAGE_SIZE):
+                self.write.discard(p)
+                self.drop.discard(p)
+        self._compare(tracked, runs)
+        # staged pages of mappings that are no longer kept: those are mapped again whole
+        kr = copymod.merge_ranges([(v.start, v.end) for v in tracked])
+        self.write = {p for p in self.write if _in(kr, p)}
+        self.drop = {p for p in self.drop if _in(kr, p)}
+        mark("final_compare")
+
+        r = self.remote = Remote(pid)
+        r.main = self.freezer.threads[pid]
+        r.threads = self.freezer.threads
+        r.insn = find_syscall_insn(pid, maps)
+        self._end_new_threads()
+        # a scratch area where neither the process's mappings nor the image's lie
+        busy = [(v.start, v.end) for v in maps] + [(m["start"], m["end"]) for m in self.plan.maps]
+        scratch = _free_gap(busy, SCRATCH_SIZE)
+        got = r.call(sysno.mmap, scratch, SCRATCH_SIZE, 3, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0,
+                     what="mmap of the scratch area")
+        r.set_scratch(got)
+        mark("threads_ended")
+        # the layout: what is not exactly the image's goes, the image's comes back, filled
+        unmaps = _merge([(v.start, v.end) for v in gone])
+        r.many([(sysno.munmap, (s, e - s)) for s, e in unmaps], what=lambda nr, a: "munmap of %#x" % a[0])
+        pp = self.plan.members[0]
+        sub = _SubPlan(pp, again)
+        b = Builder(self.plan, sub, self.opts, r, TreeObjects(several=False, tables={pid: pp.fds}))
+        b.busy = busy + [(got, got + SCRATCH_SIZE)]
+        b._map_layout()
+        opened = list(b.opened_fds)
+        # the mappings made again are tracked too: what the kernel writes into memory while
+        # ckpt injects calls (a thread's rseq area, updated on every return to user space) is
+        # caught by the last scan below, wherever it lies
+        if again:
+            ar = [(m["start"], m["end"]) for m in again]
+            made = [v for v in procfs.read_maps(pid) if v.kind in ("anon", "file-private")
+                    and any(s_ < v.end and v.start < e_ for s_, e_ in ar)]
+            ok, _ = self.tracker.register(made)
+            self.tracker.protect(ok)
+        b._patch_pages()
+        mark("layout")
+        # the differing pages of the kept mappings
+        written = self._write_staged(r)
+        mark("pages")
+        if sub.vmflags is not None and again:
+            vmflags.after_mapping(r, again, sub.vmflags, self.opts.warn)
+        self._process_state(b, opened)
+        mark("process_state")
+        self._threads()
+        mark("threads")
+        # last, with no syscall injected after it: the pages written since the staged ones
+        # (by the kernel, for ckpt's calls) compared again and put back
+        self.settled = self._settle(r)
+        mark("settle")
+        verified = None
+        if self.verify:
+            verified = verify_frozen(pid, procfs.read_maps(pid, with_identity=True), self.plan.reader)
+            mark("verify")
+        process.restore_stop_state(pid, self.plan.threads)
+        self._release()
+        freeze_ms = (self.freezer.t_release - self.freezer.t_first_interrupt) * 1000
+        return {"pid": pid, "image": os.path.abspath(self.path), "tracking": self.tracking,
+                "pages_compared": self.compared, "pages_identical": self.compared - written - len(self.drop),
+                "pages_written": written + b.pages_written, "pages_dropped": len(self.drop),
+                "mappings_unmapped": len(gone), "mappings_mapped": len(again),
+                "pages_mapped_written": b.pages_written,
+                "threads": [t["tid"] for t in self.plan.threads], "threads_ended": self.ended,
+                "threads_made": self.made, "fds_kept": self.fds[0], "fds_made": self.fds[1],
+                "fds_closed": self.fds[2], "freeze_ms": round(freeze_ms, 3), "freeze_breakdown_ms": marks,
+                "stops": self.stops + [{"what": "freeze", "ms": round(freeze_ms, 3)}],
+                "pages_settled": self.settled, "pages_verified": verified, "verified": verified is not None,
+                "elapsed_s": round(time.perf_counter() - self.t0, 4)}
+
+    def _end_new_threads(self):
+        """Threads the image does not have exit (their clear-child-tid and robust list unset
+        first: their exit writes nothing into the memory being rolled back)."""
+        want = {t["tid"] for t in self.plan.threads}
+        r = self.remote
+        self.ended = []
+        for tid, t in list(r.threads.items()):
+            if tid in want or tid == self.pid:
+                continue
+            r.many([(sysno.set_tid_address, (0,)), (sysno.set_robust_list, (0, 24))], tid=tid,
+                   what="unsetting the exit hooks of thread %d" % tid)
+            rseq = t.get_rseq()
+            if rseq:
+                r.call(sysno.rseq, rseq["ptr"], rseq["size"], threads.RSEQ_FLAG_UNREGISTER, rseq["sig"], tid=tid,
+                       what="unregistering the rseq of thread %d" % tid)
+            regs = t.get_regs()
+            regs.rip, regs.rax, regs.rdi, regs.orig_rax = r.insn, SYS_exit, 0, 0xFFFFFFFFFFFFFFFF
+            t.set_regs(regs)
+            t.pending_signal = 0
+            t.detach()
+            while True:
+                try:
+                    _, st = os.waitpid(tid, WALL)
+                except ChildProcessError:
+                    break
+                if os.WIFEXITED(st) or os.WIFSIGNALED(st):
+                    break
+            del r.threads[tid]
+            self.ended.append(tid)
+        if self.pid not in r.threads:
+            raise RestoreError("the main thread of process %d has exited" % self.pid)
+
+    def _write_staged(self, r):
+        """The staged pages: the image's written, in batches; dropped ones made absent
+        (MADV_DONTNEED), or written with their source where that is refused (locked memory)."""
+        exp = self._expected()
+        maps = sorted(self._kept_now(), key=lambda v: v.start)
+        starts = [v.start for v in maps]
+        written = 0
+        buf = bytearray()
+        runs = []
+
+        def flush():
+            nonlocal buf, runs
+            if runs:
+                st = r.mem.write_runs(runs, buf)
+                bad = [(a, n, e) for (a, n), e in zip(runs, st) if e]
+                if bad:
+                    a, n, e = bad[0]
+                    raise RestoreError("writing %d bytes at %#x: %s" % (n, a, os.strerror(e)))
+            buf, runs = bytearray(), []
+        for a, n in _page_runs(self.write):
+            i = bisect.bisect_right(starts, a) - 1
+            vma = maps[i]
+            part = bytearray(n)
+            exp.fill(vma, a, a + n, part, self._source_fd(vma))
+            runs.append((a, n))
+            buf += part
+            written += n // PAGE_SIZE
+            if len(buf) >= 8 << 20:
+                flush()
+        flush()
+        drops = _page_runs(self.drop)
+        res = r.many([(sysno.madvise, (a, n, MADV_DONTNEED)) for a, n in drops],
+                     what=lambda nr, a: "madvise(MADV_DONTNEED) of %#x" % a[0], ok_errors=(errno.EINVAL,))
+        for (a, n), rc in zip(drops, res):
+            if rc < 0:      # locked: its source's content written instead
+                i = bisect.bisect_right(starts, a) - 1
+                part = bytearray(n)
+                exp.fill(maps[i], a, a + n, part, self._source_fd(maps[i]))
+                runs.append((a, n))
+                buf += part
+        flush()
+        return written
+
+    def _settle(self, r):
+        cov = _coverage(self.tracker)
+        tracked = [v for v in procfs.read_maps(self.pid, with_identity=True)
+                   if v.kind in ("anon", "file-private") and cov(v)]
+        untracked, runs = self.tracker.written(tracked)
+        if untracked:
+            raise RestoreError("mappings %s are no longer tracked in the freeze"
+                               % ", ".join("%#x-%#x" % (v.start, v.end) for v in untracked))
+        write, drop = set(), set()
+        self._compare(tracked, runs, into=(write, drop), count=False)
+        self._write_pages(r, write | drop, tracked)
+        return len(write) + len(drop)
+
+    def _write_pages(self, r, pages, maps):
+        """The image's content (or the source's, where it holds no page) written at these pages."""
+        exp = self._expected()
+        maps = sorted(maps, key=lambda v: v.start)
+        starts = [v.start for v in maps]
+        buf, runs = bytearray(), []
+        for a, n in _page_runs(pages):
+            vma = maps[bisect.bisect_right(starts, a) - 1]
+            part = bytearray(n)
+            exp.fill(vma, a, a + n, part, self._source_fd(vma))
+            runs.append((a, n))
+            buf += part
+        if runs:
+            st = r.mem.write_runs(runs, buf)
+            bad = [(a, n, e) for (a, n), e in zip(runs, st) if e]
+            if bad:
+                a, n, e = bad[0]
+                raise RestoreError("writing %d bytes at %#x: %s" % (n, a, os.strerror(e)))
+
+    def _kept_now(self):
+        maps = procfs.read_maps(self.pid, with_identity=True)
+        return [v for v in maps if v.kind in ("anon", "file-private")]
+
+    def _process_state(self, b, opened):
+        """mm fields, directories, handlers, timers, umask, the fd table, rlimits."""
+        r = self.remote
+        p = self.plan.proc
+        paths = self.plan.paths
+        process.restore_mm(r, p, -1)
+        cwd = r.take(paths.get("cwd"), what="the working directory %s" % p["cwd"])
+        r.call(sysno.fchdir, cwd, what="fchdir to %s" % p["cwd"])
+        r.many([(sysno.close, (fd,)) for fd in opened + [cwd]], what="close")
+        if r.ckpt_pidfd is not None:
+            r.call(sysno.close, r.ckpt_pidfd, ok_errors=(errno.EBADF,))
+            r.ckpt_pidfd = None
+        process.restore_process(r, p)
+        # POSIX timers made again with their IDs (ckpt/state/timers.py): those the process
+        # holds now go first
+        ids = [t["id"] for t in timers.read(self.pid)]
+        r.many([(sysno.timer_delete, (i,)) for i in ids], what="deleting a timer made since", ok_errors=(errno.EINVAL,))
+        live = {}
+        for fd in procfs.fds(self.pid):
+            try:
+                live[fd] = os.stat(procfs.proc(self.pid, "fd", str(fd)))
+            except OSError:
+                pass
+        self.fds = files.rollback_fds(r, self.plan.fds, live, self.opts, paths,
+                                      TreeObjects(several=False, tables={self.pid: self.plan.fds}))
+        if r.ckpt_pidfd is not None:
+            r.call(sysno.close, r.ckpt_pidfd, ok_errors=(errno.EBADF,))
+            r.ckpt_pidfd = None
+        process.restore_rlimits(self.pid, p, self.opts.warn)
+
+    def _threads(self):
+        """Threads gone made again with their TIDs; pending signals of now dropped and the
+        image's queued; per-thread state, the parts of state (not seccomp: the same filters are
+        installed already), registers."""
+        r = self.remote
+        pid = self.pid
+        self.made = []
+        have = set(r.threads)
+        missing = [t for t in self.plan.threads if t["tid"] not in have]
+        if missing:
+            _call(PTRACE_SETOPTIONS, pid, 0, PTRACE_O_TRACECLONE | PTRACE_O_SUSPEND_SECCOMP)
+        for t in missing:
+            threads.create_thread(r, t["tid"])
+            self.made.append(t["tid"])
+        self._drop_pending()
+        _run_parts(r, self.plan.proc, self.plan.threads, "process")
+        for t in self.plan.threads:
+            d = dict(t)
+            if t["tid"] in have:
+                live = r.threads[t["tid"]].get_rseq()
+                if live and d.get("rseq") and (live["ptr"], live["size"]) == (d["rseq"]["ptr"], d["rseq"]["size"]):
+                    d["rseq"] = None
+                elif live:
+                    r.call(sysno.rseq, live["ptr"], live["size"], threads.RSEQ_FLAG_UNREGISTER, live["sig"],
+                           tid=t["tid"], what="unregistering the rseq of thread %d" % t["tid"])
+            threads.restore_thread_state(r, d)
+        _run_parts(r, self.plan.proc, self.plan.threads, "threads")
+        for t in self.plan.threads:
+            threads.requeue_signals(r, t, pid)
+        r.reset()
+        calls = []
+        import base64
+        for raw in self.plan.proc.get("shared_signals", []):
+            info = base64.b64decode(raw)
+            calls.append((sysno.rt_sigqueueinfo, (pid, struct.unpack_from("<i", info)[0], r.put(info))))
+        r.many(calls, what="queueing a process-wide pending signal")
+        _run_parts(r, self.plan.proc, self.plan.threads, "last")
+        r.call(sysno.munmap, r.scratch, SCRATCH_SIZE, what="munmap of the scratch area")
+        r.scratch = None
+        for t in self.plan.threads:
+            threads.restore_thread_regs(r, t)
+
+    def _drop_pending(self):
+        """Signals pending now (sent since the image) are taken: the image's are queued again."""
+        r = self.remote
+        for tid in list(r.threads):
+            st = procfs.status(self.pid, tid)
+            mask = int(st.get("SigPnd", "0"), 16) | int(st.get("ShdPnd", "0"), 16)
+            mask &= ~((1 << (signal.SIGKILL - 1)) | (1 << (signal.SIGSTOP - 1)))
+            if not mask:
+                continue
+            r.reset()
+            m = r.put(struct.pack("<Q", mask))
+            zero = r.put(struct.pack("<qq", 0, 0))
+            for _ in range(256):
+                if r.call(sysno.rt_sigtimedwait, m, 0, zero, 8, tid=tid, ok_errors=(errno.EAGAIN, errno.EINTR),
+                          what="taking a signal sent since") < 0:
+                    break
+
+    # ------------------------------------------------------------------ end
+    def _release(self):
+        """All threads go on from the image's state; the protection stays with kept tracking
+        (the holder's), else is lifted with the uffd."""
+        self.freezer.thaw()
+        self._untrack()
+
+    def _untrack(self):
+        tr, self.tracker = self.tracker, None
+        if tr is None:
+            return
+        if self.held is not None:
+            tr.release()
+        else:
+            tr.disarm()
+
+    def _abandon(self):
+        errors = []
+        for step in ((self.freezer.thaw if self.freezer else None), self._untrack):
+            if step is None:
+                continue
+            try:
+                step()
+            except Exception as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def _kill(self):
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            if self.freezer is not None:
+                self.freezer.kill()
+        except Exception:
+            pass
+        try:
+            self._untrack()
+        except Exception:
+            pass
+
+
+# ---------------------------------------------------------------------------- helpers
+class _SubPlan:
+    """A ProcPlan showing only some of its mappings (those rollback maps again)."""
+
+    def __init__(self, pp, maps):
+        self.__dict__.update(pp.__dict__)
+        self.maps = maps
+        self.cow = []
+
+
+def _run_parts(remote, proc, thread_records, stage):
+    for p in parts.PARTS:
+        if p is seccomp or not hasattr(p, "restore"):
+            continue
+        p.restore(remote, proc, thread_records, stage)
+
+
+def _trackable(maps):
+    return [v for v in maps if v.kind in ("anon", "file-private")]
+
+
+def _coverage(tracker):
+    merged = copymod.merge_ranges(list(tracker.registered))
+    starts = [s for s, _ in merged]
+
+    def covers(v):
+        if v.kind not in ("anon", "file-private"):
+            return True
+        i = bisect.bisect_right(starts, v.start) - 1
+        return i >= 0 and merged[i][1] >= v.end
+    return covers
+
+
+def _image_attrs(m):
+    return {"start": m["start"], "end": m["end"], "perms": m["perms"], "kind": m["kind"],
+            "dev": _dev(m["dev"]), "inode": m["inode"], "path": m["path"] or "", "offset": m["offset"]}
+
+
+def _live_attrs(v):
+    return {"start": v.start, "end": v.end, "perms": v.perms, "kind": v.kind, "dev": _dev(v.dev),
+            "inode": v.inode, "path": v.path or "", "offset": v.offset}
+
+
+def _dev(d):
+    if isinstance(d, str) and ":" in d:
+        a, b = d.split(":")
+        return (int(a, 16), int(b, 16))
+    return d
+
+
+def _segments(attrs):
+    """Neighbouring mappings equal in everything (a file's at contiguous offsets) as one: the
+    kernel merges and splits them on its own (registration, mprotect back and forth)."""
+    out = []
+    for a in sorted(attrs, key=lambda x: x["start"]):
+        last = out[-1] if out else None
+        if (last and last["end"] == a["start"] and all(last[k] == a[k] for k in IDENTITY)
+                and (last["kind"] == "anon" or last["offset"] + (last["end"] - last["start"]) == a["offset"])):
+            last["end"] = a["end"]
+        else:
+            out.append(dict(a))
+    return out
+
+
+def _segment_key(s):
+    off = s["offset"] if s["kind"] != "anon" else 0
+    return (s["start"], s["end"], off) + tuple(s[k] for k in IDENTITY)
+
+
+def _inside(v, ranges):
+    return any(s <= v.start and v.end <= e for s, e in ranges)
+
+
+def _covered(lo, hi, ranges):
+    """Whether [lo, hi) lies in the union of sorted or unsorted (start, end) ranges."""
+    for s, e in copymod.merge_ranges(ranges):
+        if s <= lo and hi <= e:
+            return True
+    return False
+
+
+def _in(merged, p):
+    """Whether page p lies in merged, sorted [start, end] ranges."""
+    i = bisect.bisect_right(merged, [p, float("inf")]) - 1
+    return i >= 0 and merged[i][0] <= p < merged[i][1]
+
+
+def _merge(ranges):
+    return [tuple(r) for r in copymod.merge_ranges(ranges)]
+
+
+def _page_runs(pages):
+    out = []
+    for p in sorted(pages):
+        if out and out[-1][0] + out[-1][1] == p:
+            out[-1] = (out[-1][0], out[-1][1] + PAGE_SIZE)
+        else:
+            out.append((p, PAGE_SIZE))
+    return out
