@@ -83,8 +83,10 @@ class Rollback:
         self.tracking = False       # its written bits count from this image's freeze
         self.freezer = None
         self.stops = []
-        self.write = set()          # page addresses staged: the image's content written there
+        self.write = {}             # page address -> the image's content, staged to be written there
         self.drop = set()           # page addresses staged: dropped (the image holds no page there)
+        self.stage = None           # the pages staged live: (sorted addresses, runs, their content)
+        self.more = {}              # pages staged in the freeze
         self.compared = 0
         self.t0 = time.perf_counter()
 
@@ -262,6 +264,10 @@ class Rollback:
             self.tracker.written(tracked)      # protection (re)armed from now: later writes flagged
             runs = self._candidates(tracked)
         self._compare(tracked, runs)
+        # the staged pages laid out for one write now, while the process runs: the buffer's
+        # memory is touched here (a fresh page costs microseconds to touch, not in the freeze)
+        pages = sorted(self.write)
+        self.stage = (pages, _page_runs(pages, ordered=True), b"".join([self.write[p] for p in pages]))
 
     def _candidates(self, vmas):
         """Pages that may differ from the image: those the process holds (present or swapped)
@@ -326,7 +332,10 @@ class Rollback:
             if d < 0:
                 break
             p = a + (k + d) * PAGE_SIZE
-            into[0 if _in(held, p) else 1].add(p)
+            if _in(held, p):
+                into[0][p] = bytes(ev[(k + d) * PAGE_SIZE:(k + d + 1) * PAGE_SIZE])
+            else:
+                into[1].add(p)
             k += d + 1
         if count:
             self.compared += npages
@@ -368,14 +377,18 @@ class Rollback:
             again = [m for m in self.plan.maps if m["kind"] != "special" and not _covered(m["start"], m["end"], kr)]
             gone = [v for v in maps if v.kind != "special" and not _inside(v, kr)]
             tracked = [v for v in kept if v.kind in ("anon", "file-private")]
-        for a, n in runs:
-            for p in range(a, a + n, PAGE_SIZE):
-                self.write.discard(p)
-                self.drop.discard(p)
-        self._compare(tracked, runs)
+        # pages written since they were compared: compared again. A staged page stays staged
+        # (its content is the image's whatever the process wrote since), so this only adds
+        more, drop = {}, set()
+        self._compare(tracked, runs, into=(more, drop))
+        self.drop |= drop
+        self.more = {p: v for p, v in more.items() if p not in self.write}
+        self.write.update(self.more)
         # staged pages of mappings that are no longer kept: those are mapped again whole
         kr = copymod.merge_ranges([(v.start, v.end) for v in tracked])
-        self.write = {p for p in self.write if _in(kr, p)}
+        if any(not _in(kr, p) for p in self.write):
+            self.write = {p: v for p, v in self.write.items() if _in(kr, p)}
+            self.stage, self.more = None, self.write
         self.drop = {p for p in self.drop if _in(kr, p)}
         mark("final_compare")
 
@@ -432,7 +445,7 @@ class Rollback:
         self._release()
         freeze_ms = (self.freezer.t_release - self.freezer.t_first_interrupt) * 1000
         return {"pid": pid, "image": os.path.abspath(self.path), "tracking": self.tracking,
-                "pages_compared": self.compared, "pages_identical": self.compared - written - len(self.drop),
+                "pages_compared": self.compared, "pages_identical": max(0, self.compared - len(self.write) - len(self.drop)),
                 "pages_written": written + b.pages_written, "pages_dropped": len(self.drop),
                 "mappings_unmapped": len(gone), "mappings_mapped": len(again),
                 "pages_mapped_written": b.pages_written,
@@ -476,47 +489,24 @@ class Rollback:
             raise RestoreError("the main thread of process %d has exited" % self.pid)
 
     def _write_staged(self, r):
-        """The staged pages: the image's written, in batches; dropped ones made absent
-        (MADV_DONTNEED), or written with their source where that is refused (locked memory)."""
-        exp = self._expected()
-        maps = sorted(self._kept_now(), key=lambda v: v.start)
-        starts = [v.start for v in maps]
-        written = 0
-        buf = bytearray()
-        runs = []
-
-        def flush():
-            nonlocal buf, runs
-            if runs:
-                st = r.mem.write_runs(runs, buf)
-                bad = [(a, n, e) for (a, n), e in zip(runs, st) if e]
-                if bad:
-                    a, n, e = bad[0]
-                    raise RestoreError("writing %d bytes at %#x: %s" % (n, a, os.strerror(e)))
-            buf, runs = bytearray(), []
-        for a, n in _page_runs(self.write):
-            i = bisect.bisect_right(starts, a) - 1
-            vma = maps[i]
-            part = bytearray(n)
-            exp.fill(vma, a, a + n, part, self._source_fd(vma))
-            runs.append((a, n))
-            buf += part
-            written += n // PAGE_SIZE
-            if len(buf) >= 8 << 20:
-                flush()
-        flush()
+        """The staged pages: the image's written, in one batch; dropped ones made absent
+        (MADV_DONTNEED), or written with their source where that is refused (locked memory).
+        Their written flags are then cleared: the last scan (_settle) looks for other writes."""
         drops = _page_runs(self.drop)
         res = r.many([(sysno.madvise, (a, n, MADV_DONTNEED)) for a, n in drops],
                      what=lambda nr, a: "madvise(MADV_DONTNEED) of %#x" % a[0], ok_errors=(errno.EINVAL,))
-        for (a, n), rc in zip(drops, res):
-            if rc < 0:      # locked: its source's content written instead
-                i = bisect.bisect_right(starts, a) - 1
-                part = bytearray(n)
-                exp.fill(maps[i], a, a + n, part, self._source_fd(maps[i]))
-                runs.append((a, n))
-                buf += part
-        flush()
-        return written
+        refused = {p for (a, n), rc in zip(drops, res) if rc < 0 for p in range(a, a + n, PAGE_SIZE)}
+        done = _page_runs(self.write.keys() | refused)
+        # protection lifted first (one call for all the runs): a write fault per page costs more
+        self.tracker.uffd.protect_runs(done, on=False)
+        if self.stage is not None and self.stage[0]:
+            st = r.mem.write_runs(self.stage[1], self.stage[2])
+            _check_written(self.stage[1], st)
+        self._write_pages(r, self.more, refused, self._kept_now())
+        if done:
+            self.tracker.pm.scan([(a, a + n) for a, n in done], flags=pagemap.WP_MATCHING, mask=pagemap.WRITTEN,
+                                 ret_mask=pagemap.WRITTEN, vec=False)
+        return len(self.write) + len(refused)
 
     def _settle(self, r):
         cov = _coverage(self.tracker)
@@ -526,29 +516,30 @@ class Rollback:
         if untracked:
             raise RestoreError("mappings %s are no longer tracked in the freeze"
                                % ", ".join("%#x-%#x" % (v.start, v.end) for v in untracked))
-        write, drop = set(), set()
+        write, drop = {}, set()
         self._compare(tracked, runs, into=(write, drop), count=False)
-        self._write_pages(r, write | drop, tracked)
+        self._write_pages(r, write, drop, tracked)
         return len(write) + len(drop)
 
-    def _write_pages(self, r, pages, maps):
-        """The image's content (or the source's, where it holds no page) written at these pages."""
-        exp = self._expected()
-        maps = sorted(maps, key=lambda v: v.start)
-        starts = [v.start for v in maps]
-        buf, runs = bytearray(), []
-        for a, n in _page_runs(pages):
-            vma = maps[bisect.bisect_right(starts, a) - 1]
-            part = bytearray(n)
-            exp.fill(vma, a, a + n, part, self._source_fd(vma))
-            runs.append((a, n))
-            buf += part
-        if runs:
-            st = r.mem.write_runs(runs, buf)
-            bad = [(a, n, e) for (a, n), e in zip(runs, st) if e]
-            if bad:
-                a, n, e = bad[0]
-                raise RestoreError("writing %d bytes at %#x: %s" % (n, a, os.strerror(e)))
+    def _write_pages(self, r, staged, sourced, maps):
+        """Write the staged pages ({address: content}) and, at the pages of `sourced`, the
+        content of their source (zero, or the mapped file's page), in one batch."""
+        pages = sorted(staged.keys() | set(sourced))
+        if not pages:
+            return
+        if sourced:
+            exp = self._expected()
+            maps = sorted(maps, key=lambda v: v.start)
+            starts = [v.start for v in maps]
+            staged = dict(staged)
+            for p in sourced:
+                vma = maps[bisect.bisect_right(starts, p) - 1]
+                data = bytearray(PAGE_SIZE)
+                exp.fill(vma, p, p + PAGE_SIZE, data, self._source_fd(vma))
+                staged[p] = bytes(data)
+        runs = _page_runs(pages, ordered=True)
+        buf = b"".join([staged[p] for p in pages])
+        _check_written(runs, r.mem.write_runs(runs, buf))
 
     def _kept_now(self):
         maps = procfs.read_maps(self.pid, with_identity=True)
@@ -778,11 +769,23 @@ def _merge(ranges):
     return [tuple(r) for r in copymod.merge_ranges(ranges)]
 
 
-def _page_runs(pages):
+def _check_written(runs, status):
+    bad = [(a, n, e) for (a, n), e in zip(runs, status) if e]
+    if bad:
+        a, n, e = bad[0]
+        raise RestoreError("writing %d bytes at %#x: %s" % (n, a, os.strerror(e)))
+
+
+def _page_runs(pages, ordered=False):
+    """Page addresses as (address, length) runs of contiguous pages."""
     out = []
-    for p in sorted(pages):
-        if out and out[-1][0] + out[-1][1] == p:
-            out[-1] = (out[-1][0], out[-1][1] + PAGE_SIZE)
-        else:
-            out.append((p, PAGE_SIZE))
+    start = prev = None
+    for p in (pages if ordered else sorted(pages)):
+        if p != prev:
+            if start is not None:
+                out.append((start, prev - start))
+            start = p
+        prev = p + PAGE_SIZE
+    if start is not None:
+        out.append((start, prev - start))
     return out
