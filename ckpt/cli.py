@@ -75,14 +75,21 @@ def main():
 @click.option("--compress", default="lz4", show_default=True, type=click.Choice(["lz4", "none"]))
 @click.option("--single", is_flag=True,
               help="dump the process alone, not its descendants (refused where that would cut it from them)")
+@click.option("--keep-tracking", is_flag=True,
+              help="with --leave-running: keep write tracking armed after the dump (held by a ckpt process until "
+                   "`ckpt untrack PID` or the process exits), for --parent and restore --into")
+@click.option("--parent", type=click.Path(dir_okay=False),
+              help="write an incremental image: only the pages written since this image (tracking kept since it)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object with the results")
-def dump(pid, output, leave_running, max_pause, rounds, mode, verify, compress, single, as_json):
+def dump(pid, output, leave_running, max_pause, rounds, mode, verify, compress, single, keep_tracking, parent,
+         as_json):
     """Dump process PID into an image while it keeps running."""
     from ckpt.dump.session import DumpOptions
     from ckpt.dump.session import dump as do_dump
     with _Signals() as sigs:
         opts = DumpOptions(output=output, leave_running=leave_running, max_pause_ms=max_pause, rounds=rounds,
                            mode=mode, verify=verify, compress=compress, single=single,
+                           keep_tracking=keep_tracking, parent=parent,
                            progress=_Progress(sys.stderr.isatty() and not as_json), interrupted=sigs)
         try:
             res = do_dump(pid, opts)
@@ -102,9 +109,13 @@ def dump(pid, output, leave_running, max_pause, rounds, mode, verify, compress, 
     click.echo("  pages written: %d (%.1f MiB), image %.1f MiB, live copy %s GB/s, total %.2f s"
                % (res["pages_written"], res["bytes_written"] / 2**20, res["image_bytes"] / 2**20,
                   res["live_copy_gbps"], res["elapsed_s"]))
+    if res.get("parent"):
+        click.echo("  incremental: parent %s" % res["parent"]["path"])
     if res["verified"]:
         click.echo("  verified: %d pages equal the frozen process" % res["pages_verified"])
     click.echo("  process %s" % ("left running" if res["left_running"] else "killed"))
+    if res.get("tracking"):
+        click.echo("  tracking kept (holder process %d): `ckpt untrack %d` ends it" % (res["tracking"]["holder"], pid))
 
 
 @main.command()
@@ -215,6 +226,14 @@ def info(image, as_json):
                       p.get("pid")))
     dm = d.get("dump", {})
     click.echo("  dump mode %s, rounds (pages) %s" % (P(dm.get("mode")), [r["pages"] for r in dm.get("rounds", [])]))
+    if dm.get("image_id"):
+        click.echo("  image id %s" % P(dm["image_id"]))
+    if dm.get("parent"):
+        click.echo("  incremental: parent %s (image id %s)%s" % (P(dm["parent"]["path"]), P(dm["parent"]["image_id"]),
+                                                              "; %d pages with its chain" % d["chain_pages"]
+                                                              if "chain_pages" in d else ""))
+        if d.get("chain_error"):
+            click.echo("  chain: %s" % P(d["chain_error"]))
     click.echo("  pages held: %d (%d zero), payload %d bytes" % (d["pages"], d["zero_pages"], d["payload_bytes"]))
     click.echo("  mappings:")
     for m in d["mappings"]:
@@ -242,20 +261,35 @@ def unlock(pid):
 
 
 @main.command()
+@click.argument("pid", type=int)
+def untrack(pid):
+    """End the write tracking kept on process PID (dump --keep-tracking): protection lifted."""
+    from ckpt.dump import keep
+    try:
+        ended = keep.untrack(pid)
+    except CkptError as e:
+        _fail(e)
+    if not ended:
+        _fail("no tracking kept for process %d" % pid)
+    click.echo("tracking of process %d ended" % pid)
+
+
+@main.command()
 @click.argument("image", type=click.Path())
 def verify(image):
     """Check every checksum of an image, and its metadata; exit non-zero on damage."""
     from ckpt.errors import ImageError
-    from ckpt.image.reader import ImageReader
+    from ckpt.image.reader import open_chain
     try:
-        with ImageReader(image) as r:
+        with open_chain(image) as r:     # an incremental image: every image of its chain
             res = r.verify()
             missing = [k for k in ("process", "threads", "mappings", "fds") if k not in r.metas()]
         if missing:
             raise ImageError("%s: incomplete image: no %s record" % (image, ", ".join(missing)))
     except CkptError as e:
         _fail(e)
-    click.echo("%s: ok (%d records, %d bytes)" % (image, res["records"], res["bytes"]))
+    click.echo("%s: ok (%d records, %d bytes%s)" % (image, res["records"], res["bytes"],
+                                                  ", chain of %d images" % res["chain"] if res.get("chain") else ""))
 
 
 @main.command()

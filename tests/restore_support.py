@@ -70,6 +70,7 @@ C_TARGETS = {
     "flocks": [],
     "openunlinked": [],
     "ltstate": [],
+    "incr": [],
     "fpavx": ["-frounding-math"] + FP_FLAGS,
 }
 

@@ -128,6 +128,12 @@ class Copier:
             self._held = merge_ranges([tuple(r) for r in self._held] + new)
         return self._held
 
+    def seed(self, ranges):
+        """Ranges held already before this image's own records: an incremental image's parents
+        hold pages there (their absent pages must be recorded too, see stale())."""
+        self.held()
+        self._held = merge_ranges([tuple(r) for r in self._held] + [tuple(r) for r in ranges])
+
     def stale(self, vmas, runs):
         """Mappings copied whole as `runs` (their present pages) may lie where the image already
         holds pages of an earlier mapping at the same addresses (unmapped, moved away or

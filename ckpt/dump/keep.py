@@ -172,13 +172,14 @@ class Held:
             from ckpt.dump.tracker import AsyncTracker
             try:
                 tr = AsyncTracker.adopt(fd, self.pid, self.ranges)
-            except BaseException:
+            except Exception:
+                tr = None       # the target is gone: nothing to unregister
                 os.close(fd)
-                raise
-            try:
-                tr.unregister_all()
-            finally:
-                tr.release()
+            if tr is not None:
+                try:
+                    tr.unregister_all()
+                finally:
+                    tr.release()
         try:
             pidfd = self._holder_pidfd()
         except TargetError:

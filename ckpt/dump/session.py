@@ -15,17 +15,19 @@ import errno
 import os
 import select
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from ckpt import __version__
 from ckpt.dump import copy as copymod
-from ckpt.dump import tree
+from ckpt.dump import keep, tree
 from ckpt.dump.freeze import O_CLOEXEC, O_NONBLOCK, Freezer, check_target, steal_uffd, stop_timeout
 from ckpt.dump.tracker import AsyncTracker, NoTracker, SyncTracker
 from ckpt.dump.verify import verify_frozen
 from ckpt import files
 from ckpt.errors import CkptError, DumpInterrupted, KernelFeatureError, TargetError, TargetGone
+from ckpt.image import reader as imagereader
 from ckpt.image.writer import ImageWriter
 from ckpt.kernel import features, pagemap, procfs
 from ckpt.kernel.native import PAGE_SIZE
@@ -51,6 +53,8 @@ class DumpOptions:
     verify: bool = False
     compress: str = "lz4"
     single: bool = False        # the process alone, not its descendants (refused where that cuts it)
+    keep_tracking: bool = False  # tracking left armed after the dump, held by a ckpt process (ckpt/dump/keep.py)
+    parent: Optional[str] = None  # an incremental image: only what was written since this image's freeze
     progress: Optional[Callable] = None
     interrupted: Callable = field(default=lambda: None)   # returns a signal number or None
 
@@ -78,6 +82,7 @@ class Member:
         self.fdctx = files.FreezeContext(pid, dump.opts.leave_running)
         self.tracker = NoTracker() if late else None
         self.late = late            # appeared after the trackers were armed: copied whole in the freeze
+        self.held = None            # tracking kept since an earlier dump (keep.Held), whose uffd it uses
         self.copier = None
         self.suspect = []           # registered, but protecting them failed: arm again or copy whole
         self.described = None
@@ -123,6 +128,10 @@ class Dump:
         self.stops = []           # every stop of the target's threads: {"what", "pid", "ms"}
         self.t0 = time.perf_counter()
         self.result = {}
+        self.image_id = uuid.uuid4().hex
+        self.parent = None        # {"image_id", "path"} of an incremental image's parent
+        self.parent_held = []     # the address ranges the parent chain holds pages for (the process's)
+        self.kept = None          # the root's tracker, to be handed over once the image is in place
 
     @property
     def root(self):
@@ -206,14 +215,38 @@ class Dump:
         m.freezer.thaw()
         if m.tracker is not None:
             try:
-                m.tracker.disarm()
+                self._let_go(m, m.tracker, failed=True)
             except Exception:
                 pass
             m.tracker = None
         m.close()
 
+    def _let_go(self, m, tr, failed):
+        """A member's tracker at the end: disarmed (registration and protection lifted, the
+        uffd closed). A kept tracking's uffd (m.held) is ended with it when the dump succeeded
+        (the dump was not asked to keep it); when the dump failed, its holder keeps it, but the
+        pages written since its base image are no longer known (a scan re-armed them): it then
+        counts from no image (an incremental dump or a rollback from it is refused)."""
+        if getattr(tr, "adopted", False) and m.held is not None:
+            if failed:
+                tr.release()
+                try:
+                    m.held.rebase(None)
+                except OSError:
+                    pass
+            else:
+                tr.disarm()
+                m.held.end()
+            return
+        tr.disarm()
+
     # ------------------------------------------------------------------ phases
     def run(self):
+        if self.opts.keep_tracking and not self.opts.leave_running:
+            raise CkptError("--keep-tracking needs --leave-running (the tracking is kept on the running process)")
+        if (self.opts.keep_tracking or self.opts.parent) and self.opts.mode in ("sync", "stop-the-world"):
+            raise CkptError("%s needs the async mode (userfaultfd WP_ASYNC), not --mode %s"
+                            % ("--keep-tracking" if self.opts.keep_tracking else "--parent", self.opts.mode))
         maps = check_target(self.pid, self.opts.leave_running)
         try:
             self.pidfd = os.pidfd_open(self.pid)
@@ -256,6 +289,10 @@ class Dump:
         if self.opts.single:
             tree.refuse_cut(self.pid, below)
             return
+        if below and (self.opts.keep_tracking or self.opts.parent):
+            raise TargetError("process %d has descendants (%s): %s works on one process only; add --single "
+                              "to dump it alone" % (self.pid, " ".join(str(i["pid"]) for i in below[:8]),
+                                                    "--keep-tracking" if self.opts.keep_tracking else "--parent"))
         for info in below:
             if info["state"] in ("Z", "X"):
                 self.zombies.append(info)
@@ -280,6 +317,7 @@ class Dump:
             m.described = files.check(m.pid, tree_pids)
         self._live(refuse)
         self.mode = self._choose_mode()
+        self._check_kept()
         out_dir = os.path.dirname(os.path.abspath(self.opts.output))
         try:
             self.writer = ImageWriter(self.opts.output, compress=self.opts.compress, tool_version=__version__)
@@ -304,7 +342,42 @@ class Dump:
                     raise TargetGone("process %d exited during the dump" % self.pid) from None
                 raise CkptError("dump of process %d failed: %s" % (self.pid, _os_message(e))) from e
             raise
+        self._hand_over()
         return self.result
+
+    def _check_kept(self):
+        """Tracking kept since an earlier dump is used (its uffd: a second one cannot register the
+        same memory); --keep-tracking and --parent are refused where they cannot work."""
+        o = self.opts
+        if self.mode == "async":
+            for m in self.members.values():
+                m.held = keep.find(m.pid)
+        if not (o.keep_tracking or o.parent):
+            return
+        what = "--keep-tracking" if o.keep_tracking else "--parent"
+        if self.mode != "async":
+            raise KernelFeatureError("%s needs the async mode (userfaultfd WP_ASYNC and PAGEMAP_SCAN), not %s mode"
+                                     % (what, self.mode))
+        if not o.parent:
+            return
+        if os.path.abspath(o.parent) == os.path.abspath(o.output) or (
+                os.path.exists(o.output) and os.path.exists(o.parent) and os.path.samefile(o.parent, o.output)):
+            raise CkptError("%s: an incremental image cannot replace its own parent; write it to another file" % o.output)
+        try:
+            chain = imagereader.open_chain(o.parent)
+        except CkptError as e:
+            raise CkptError("--parent %s: %s" % (o.parent, e)) from None
+        try:
+            pid_of = (chain.meta("process") or {}).get("pid")
+            base = imagereader.image_id(chain)
+            held = self.root.held
+            if held is None or base is None or held.base != base or pid_of != self.pid:
+                raise TargetError("no tracking kept for process %d since %s; dump it without --parent"
+                                  % (self.pid, o.parent))
+            self.parent = {"image_id": base, "path": os.path.abspath(o.parent)}
+            self.parent_held = [(x[0], x[1]) for x in chain.extents(self.pid)]
+        finally:
+            chain.close()
 
     def _start(self, m, maps=None):
         try:
@@ -315,6 +388,9 @@ class Dump:
             raise TargetGone("process %d exited" % m.pid) from None
         m.copier = copymod.Copier(m.pid, self.writer)
         m.copier.spare = self.spare
+        if self.parent_held and m.pid == self.pid:
+            # an incremental image: the pages its parents hold count as held (see Copier.stale)
+            m.copier.seed(self.parent_held)
         if self.mode == "stop-the-world":
             m.tracker = NoTracker()
 
@@ -322,7 +398,11 @@ class Dump:
         self._check()
         t = time.perf_counter()
         work = self._live(self._arm_member)
+        if self.opts.keep_tracking:
+            # kept after the dump: the final scan re-arms, so that "written" counts from the freeze
+            self.root.tracker.rearm_final = True
         # round 0: every page whose content is not known from elsewhere, while the target runs
+        # (for an incremental image: what was written since its parent's freeze)
         self._progress(event="arm", pages=sum(pagemap.count_pages(runs) for _, runs in work))
         self._copy_round(0, work, t_start=t)
 
@@ -335,6 +415,8 @@ class Dump:
         self.stops.append({"what": what, "pid": pid, "ms": round(ms, 3)})
 
     def _arm_member(self, m):
+        if m.held is not None and self.mode == "async":
+            return self._adopt(m)
         flags = O_CLOEXEC | O_NONBLOCK
         if self.mode == "async":
             flags |= USER_MODE_ONLY
@@ -349,6 +431,27 @@ class Dump:
             raise
         ok = self._register_stopped(m, what="arm")
         return copymod.content_runs(m.tracker.pm, ok)
+
+    def _adopt(self, m):
+        """Arm with the kept tracking's uffd (taken from its holder). For an incremental image,
+        round 0 is what was written since the parent's freeze, and the mappings new since (or
+        moved) copied whole; for a full image, the written bits are re-armed (they count from
+        now) and everything is copied."""
+        fd = m.held.take_uffd()
+        try:
+            m.tracker = AsyncTracker.adopt(fd, m.pid, m.held.ranges)
+        except BaseException:
+            os.close(fd)
+            raise
+        if self.parent is not None and m.pid == self.pid:
+            return self._round_member(m)
+        maps = self._trackable(procfs.read_maps(m.pid))
+        cov = m.coverage()
+        untracked, _ = m.tracker.written([v for v in maps if cov.covers(v)])
+        self._register_stopped(m, untracked, what="arm")
+        cov = m.coverage()
+        return copymod.content_runs(m.tracker.pm, [v for v in self._trackable(procfs.read_maps(m.pid))
+                                                   if cov.covers(v)])
 
     def _register_stopped(self, m, rescan=(), what="rearm"):
         """Register every trackable mapping not registered yet (and those overlapping `rescan`)
@@ -545,6 +648,8 @@ class Dump:
                                           "leave_running": self.opts.leave_running,
                                           "verified": self.opts.verify,
                                           "processes": list(self.members),
+                                          "image_id": self.image_id, "parent": self.parent,
+                                          "keep_tracking": self.opts.keep_tracking,
                                           "unreadable_pages": sum(m.copier.unreadable_pages
                                                                   for m in self.members.values())})
 
@@ -554,7 +659,9 @@ class Dump:
         self.writer.finish()
         verified = False
         if self.opts.verify:
-            with self.writer.reader() as reader:
+            with self.writer.reader() as top, (imagereader.open_chain(self.opts.output, top=top)
+                                               if self.parent else top) as reader:
+                # an incremental image: compared as restore reads it, with its parents under it
                 n = 0
                 spaces = {key: o["space"] for key, o in shm.objects.items()}
                 for m in self.members.values():
@@ -587,6 +694,7 @@ class Dump:
             "elapsed_s": round(time.perf_counter() - self.t0, 4),
             "verified": verified, "threads": sum(len(m.records[1]) for m in self.members.values()),
             "left_running": self.opts.leave_running,
+            "image_id": self.image_id, "parent": self.parent,
         })
         live = [r for r in self.rounds if not r.get("final")]
         live_pages = sum(r["pages"] for r in live)
@@ -667,6 +775,12 @@ class Dump:
         untracked, runs = m.tracker.final(tracked)
         # what could not be protected cleanly in the last round is copied whole too
         untracked += [v for v in tracked if any(s.start < v.end and s.end > v.start for s in m.suspect)]
+        if self.opts.keep_tracking and m is self.root:
+            # the tracking is kept: what is copied whole is registered and protected now (all
+            # threads are stopped), so that afterwards "written" means written since this freeze
+            again = list({id(v): v for v in full + untracked}.values())
+            ok, _refused = m.tracker.register(again)
+            m.tracker.protect(ok)
         whole = copymod.content_runs(m.pm(), full + untracked, pid=m.pid)
         # absent pages of what is copied whole, where the image holds pages of an earlier
         # mapping (see Copier.stale): zero pages, or the file's content copied again
@@ -702,8 +816,35 @@ class Dump:
         for m in self.members.values():
             m.fdctx.close()
             tr, m.tracker = m.tracker, None
-            if tr is not None:
+            if tr is None:
+                continue
+            if self.opts.keep_tracking and m is self.root and self.opts.leave_running:
+                self.kept = (m, tr)     # handed to its holder once the image is in place
+                continue
+            self._let_go(m, tr, failed=False)
+
+    def _hand_over(self):
+        """--keep-tracking: the tracking stays armed, held by a holder process (a new one, or
+        the one whose uffd this dump used, now counting from this image)."""
+        if self.kept is None:
+            return
+        m, tr = self.kept
+        self.kept = None
+        try:
+            if m.held is not None and getattr(tr, "adopted", False):
+                m.held.rebase(self.image_id, tr.ranges())
+                tr.release()
+            else:
+                m.held = keep.hold(m.pid, tr.uffd.fd, self.image_id, tr.ranges())
+                tr.release()
+        except Exception as e:
+            try:
                 tr.disarm()
+            except Exception:
+                pass
+            raise CkptError("the image %s is complete, but the tracking of process %d could not be kept: %s"
+                            % (self.opts.output, m.pid, e)) from None
+        self.result["tracking"] = {"holder": m.held.holder, "base": self.image_id, "ranges": len(m.held.ranges)}
 
     def _abandon(self):
         """Failure or interruption: every process goes on exactly as before, no image is left."""
@@ -717,11 +858,18 @@ class Dump:
         for m in list(self.members.values()):
             try:
                 if m.tracker is not None:
-                    m.tracker.disarm()
+                    self._let_go(m, m.tracker, failed=True)
                     m.tracker = None
             except Exception as e:
                 errors.append(e)
             m.close()
+        if self.kept is not None:
+            m, tr = self.kept
+            self.kept = None
+            try:
+                self._let_go(m, tr, failed=True)
+            except Exception as e:
+                errors.append(e)
         if self.writer is not None:
             self.writer.abort()
         if errors:

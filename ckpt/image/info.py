@@ -3,7 +3,8 @@ import bisect
 import unicodedata
 
 from ckpt.image import format as fmt
-from ckpt.image.reader import ImageReader
+from ckpt.errors import CkptError
+from ckpt.image.reader import ImageReader, open_parents
 
 
 def describe(path):
@@ -36,7 +37,21 @@ def describe(path):
         for rec in r.iter_records():
             if rec.rtype in (fmt.PAGES, fmt.SCATTER):
                 payload += rec.length
-        return {
+        chain = {}
+        parent = (metas.get("dump") or {}).get("parent")
+        if parent:
+            # an incremental image: the pages above are its own; with its chain, the process's
+            try:
+                layers = open_parents(r, path)
+            except CkptError as e:
+                chain = {"chain_error": str(e)}
+            else:
+                from ckpt.image.reader import ChainReader
+                c = ChainReader([r] + layers)
+                chain = {"chain_pages": c.page_bytes()[0], "chain": [path] + [x.path for x in layers]}
+                for x in layers:
+                    x.close()
+        return dict(chain, **{
             "bytes": r.size, "format": r.header.get("format"), "arch": r.header.get("arch"),
             "kernel": r.header.get("kernel"), "page_size": r.page_size, "created": r.header.get("created"),
             "process": metas.get("process", {}),
@@ -45,7 +60,8 @@ def describe(path):
             "threads": [t["tid"] for t in metas.get("threads", [])],
             "mappings": maps, "fds": metas.get("fds", []), "dump": metas.get("dump", {}),
             "pages": total, "zero_pages": zero, "payload_bytes": payload, "records": len(r.records),
-        }
+            "image_id": (metas.get("dump") or {}).get("image_id"), "parent": parent,
+        })
 
 
 def printable(s):

@@ -462,3 +462,186 @@ class ImageReader:
         if h.get("kernel") != platform.release():
             raise ImageError("%s: made on kernel %s, this is %s (the vdso must match)"
                              % (self.path, h.get("kernel"), platform.release()))
+
+
+# -- incremental images: a chain of images ------------------------------------------------
+SHM_SPACE = 1 << 62          # spaces of shared memory objects (ckpt/dump/tree.py): never overlaid
+_LAYER_SHIFT = 40            # a chain's extents name their record as layer << 40 | seq
+MAX_CHAIN = 4096
+
+
+def image_id(reader):
+    """The image's id (its "dump" record), or None for an image made before ids existed."""
+    return (reader.meta("dump") or {}).get("image_id")
+
+
+def parent_of(reader):
+    """{"image_id", "path"} of an incremental image's parent, or None."""
+    return (reader.meta("dump") or {}).get("parent")
+
+
+def _overlay(upper, lower):
+    """Two sorted lists of disjoint extents merged, `upper` winning where they overlap."""
+    out = []
+    j = 0
+    for s, e, seq, off in lower:
+        pos = s
+        while j < len(upper) and upper[j][1] <= pos:
+            j += 1
+        k = j
+        while pos < e:
+            if k < len(upper) and upper[k][0] <= pos:
+                pos = min(max(pos, upper[k][1]), e)
+                k += 1
+                continue
+            nxt = min(upper[k][0], e) if k < len(upper) else e
+            out.append((pos, nxt, seq, off + (pos - s)))
+            pos = nxt
+    out += upper
+    out.sort()
+    return out
+
+
+class ChainReader:
+    """An incremental image read with its parents (`layers`: the image first, then its parent,
+    its parent's parent, ...): its metadata is the image's own (complete in every image); the
+    pages of a process are the parent's with the image's over them (shared memory objects are
+    copied whole into every image: the image's own). Everything else is the image's own."""
+
+    def __init__(self, layers):
+        self.layers = list(layers)
+        self.top = self.layers[0]
+        self._chain_extents = {}
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["top"] if "top" in self.__dict__ else None, name)
+
+    def close(self):
+        for r in self.layers:
+            r.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def check_compatible(self):
+        for r in self.layers:
+            r.check_compatible()
+
+    def verify(self, decompress=True):
+        """Every image of the chain checked (ImageReader.verify); the image's summary, with
+        "chain": how many images."""
+        res = None
+        for r in self.layers:
+            got = r.verify(decompress)
+            res = res or got
+        return dict(res, chain=len(self.layers))
+
+    def extents(self, space=None):
+        if space is not None and space >= SHM_SPACE:
+            return self.top.extents(space)
+        if space is None:
+            space = (self.top.meta("process") or {}).get("pid")
+        if space in self._chain_extents:
+            return self._chain_extents[space]
+        out = []
+        for i in range(len(self.layers) - 1, -1, -1):
+            r = self.layers[i]
+            own = [(s, e, (i << _LAYER_SHIFT) | seq, off) for s, e, seq, off in r.extents(space)]
+            out = _overlay(own, out) if out else own
+        self._chain_extents[space] = out
+        return out
+
+    def _split(self, seq):
+        return self.layers[seq >> _LAYER_SHIFT], seq & ((1 << _LAYER_SHIFT) - 1)
+
+    def is_zero(self, seq):
+        r, s = self._split(seq)
+        return r.is_zero(s)
+
+    def payload_of(self, seq, check=True):
+        r, s = self._split(seq)
+        return r.payload_of(s, check)
+
+    def extent_bytes(self, extent, lo, hi, check=True):
+        s, e, seq, off = extent
+        r, rs = self._split(seq)
+        return r.extent_bytes((s, e, rs, off), lo, hi, check)
+
+    def page_bytes(self, space=None):
+        total = zero = 0
+        for s, e, seq, _ in self.extents(space):
+            n = (e - s) // self.page_size
+            total += n
+            if self.is_zero(seq):
+                zero += n
+        return total, zero
+
+    def iter_content(self):
+        for x in self.extents():
+            data = self.extent_bytes(x, x[0], x[1])
+            yield x[0], bytes(x[1] - x[0]) if data is None else bytes(data)
+
+
+def open_parents(top, path=None):
+    """The parents of image `top` (an ImageReader), opened and checked: each found where the
+    image names it, with the id the image names, of the same process, no cycle, and no less
+    trustworthy than the image (same owner; writable by others only if the image is too).
+    Returns the list of their readers (nearest first); refuses with a clear ImageError."""
+    path = path or top.path
+    st = os.fstat(top.fd)
+    layers = []
+    seen = {image_id(top)}
+    pid = (top.meta("process") or {}).get("pid")
+    cur, cur_path = top, path
+    try:
+        while True:
+            parent = parent_of(cur)
+            if parent is None:
+                return layers
+            ppath, want = parent["path"], parent["image_id"]
+            if want in seen:
+                raise ImageError("%s: its chain of parent images has a cycle (%s names %s, already in the chain)"
+                                 % (path, cur_path, ppath))
+            if len(layers) >= MAX_CHAIN:
+                raise ImageError("%s: its chain of parent images is longer than %d" % (path, MAX_CHAIN))
+            if not os.path.lexists(ppath):
+                raise ImageError("%s: its parent image %s is missing (an incremental image is read with every "
+                                 "image of its chain)" % (path, ppath))
+            try:
+                r = ImageReader(ppath)
+            except ImageError as e:
+                raise ImageError("%s: its parent image %s cannot be read: %s" % (path, ppath, e)) from None
+            layers.append(r)
+            got = image_id(r)
+            if got != want:
+                raise ImageError("%s: its parent image %s is another image (id %s; %s was made from %s)"
+                                 % (path, ppath, got, cur_path, want))
+            if (r.meta("process") or {}).get("pid") != pid:
+                raise ImageError("%s: its parent image %s is of another process (%s, not %s)"
+                                 % (path, ppath, (r.meta("process") or {}).get("pid"), pid))
+            pst = os.fstat(r.fd)
+            if pst.st_uid != st.st_uid or (pst.st_mode & 0o022 and not st.st_mode & 0o022):
+                raise ImageError("%s: its parent image %s may have been changed by others (owner uid %d, mode %o; "
+                                 "the image: owner uid %d, mode %o)"
+                                 % (path, ppath, pst.st_uid, pst.st_mode & 0o7777, st.st_uid, st.st_mode & 0o7777))
+            seen.add(got)
+            cur, cur_path = r, ppath
+    except BaseException:
+        for r in layers:
+            r.close()
+        raise
+
+
+def open_chain(path, top=None):
+    """An image with its parents, if it has any (ChainReader); else the ImageReader itself.
+    top: the image already open (its path then only names it)."""
+    top = top if top is not None else ImageReader(path)
+    try:
+        parents = open_parents(top, path)
+    except BaseException:
+        top.close()
+        raise
+    return ChainReader([top] + parents) if parents else top

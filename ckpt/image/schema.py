@@ -236,8 +236,12 @@ FD_ENTRY = Dict({
     "tty": Bool,
 })
 
+IMAGE_ID = Str(r"[0-9a-f]{32}", "an image id (32 hexadecimal digits)")
 DUMP = Dict(optional={"mode": Str(maxlen=64), "rounds": List(Dict({"pages": Int(0, 1 << 52)})),
-                      "pid": Int(*PID), "processes": List(Int(*PID))})
+                      "pid": Int(*PID), "processes": List(Int(*PID)),
+                      # every image has an id; an incremental one names its parent (ckpt/image/reader.py)
+                      "image_id": IMAGE_ID,
+                      "parent": Opt(Dict({"image_id": IMAGE_ID, "path": Str(maxlen=PATH_MAX)}))})
 NETLOCK = Opt(Dict(optional={"table": Str(maxlen=256)}))
 
 
