@@ -8,7 +8,16 @@
  * SIGUSR2 the target prints "lat n N p50 A p99 B p999 C max D" (microseconds, all threads, since
  * the previous SIGUSR2) and starts counting again: what a dump costs the target's own threads.
  *
- * usage: writer SIZE_MB THREADS RATE(0 = flat out)
+ * usage: writer SIZE_MB THREADS RATE(0 = flat out) [ctl]
+ *
+ * With a fourth argument "ctl" (benchmarks/rollback.py), THREADS may be 0 (then nothing writes
+ * memory but the commands), "ready" is followed by " buf ADDR bytes N", and the main thread reads
+ * commands from stdin, one a line, answering each with one line on stdout:
+ *   stamp STRIDE OFFSET  stamp every page i with i % STRIDE == OFFSET (a new counter each time):
+ *                        "stamped N"
+ *   check                as SIGUSR1: "ok N" or "BAD ..."
+ *   ping                 "pong G" (G: how many stamp commands ran)
+ * At end of input it goes back to waiting for SIGUSR1 / SIGUSR2 as without "ctl".
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -130,6 +139,47 @@ static void *worker(void *arg)
 	return NULL;
 }
 
+/* "check": every page consistent (workers parked meanwhile) */
+static void check_all(void)
+{
+	pthread_rwlock_wrlock(&park);
+	size_t bad = 0, first = 0;
+	for (size_t i = 0; i < npages; i++)
+		if (!check_page(i) && !bad++)
+			first = i;
+	if (bad)
+		printf("BAD %zu pages, first %p\n", bad, (void *)(buf + first * PAGE));
+	else
+		printf("ok %zu\n", npages);
+	fflush(stdout);
+	pthread_rwlock_unlock(&park);
+}
+
+/* the "ctl" mode's command loop (see the head of this file); returns at end of input */
+static void control(void)
+{
+	static uint64_t generation;
+	char line[256];
+	while (fgets(line, sizeof(line), stdin)) {
+		unsigned long stride, offset;
+		if (sscanf(line, "stamp %lu %lu", &stride, &offset) == 2 && stride > 0) {
+			pthread_rwlock_wrlock(&park);
+			generation++;
+			size_t n = 0;
+			for (size_t i = offset; i < npages; i += stride, n++)
+				stamp(i, 0, generation);
+			pthread_rwlock_unlock(&park);
+			printf("stamped %zu\n", n);
+		} else if (strncmp(line, "check", 5) == 0) {
+			check_all();
+		} else if (strncmp(line, "ping", 4) == 0) {
+			printf("pong %llu\n", (unsigned long long)generation);
+		} else {
+			printf("error: unknown command\n");
+		}
+		fflush(stdout);
+	}
+}
 
 int main(int argc, char **argv)
 {
@@ -153,30 +203,27 @@ int main(int argc, char **argv)
 	if (buf == MAP_FAILED) { perror("mmap"); return 1; }
 	for (size_t i = 0; i < npages; i++)
 		stamp(i, i * nthreads / npages, 0);
-	if (nthreads < 1 || nthreads > 256) { fprintf(stderr, "1 to 256 threads\n"); return 1; }
+	int ctl = argc > 4 && strcmp(argv[4], "ctl") == 0;
+	if (nthreads < (ctl ? 0 : 1) || nthreads > 256) { fprintf(stderr, "1 to 256 threads\n"); return 1; }
 	lat = calloc((size_t)nthreads, sizeof(*lat));
 	lat_max_ns = calloc((size_t)nthreads, sizeof(*lat_max_ns));
 	pthread_t th[256];
 	for (int t = 0; t < nthreads; t++)
 		pthread_create(&th[t], NULL, worker, (void *)(uintptr_t)t);
-	printf("ready %d\n", getpid());
-	fflush(stdout);
+	if (ctl) {
+		printf("ready %d buf %p bytes %zu\n", getpid(), (void *)buf, npages * PAGE);
+		fflush(stdout);
+		control();
+	} else {
+		printf("ready %d\n", getpid());
+		fflush(stdout);
+	}
 	for (;;) {
 		int sig = 0;
 		if (sigwait(&usr1, &sig) == 0 && sig == SIGUSR2) {
 			report_latency();
 		} else if (sig == SIGUSR1) {
-			pthread_rwlock_wrlock(&park);
-			size_t bad = 0, first = 0;
-			for (size_t i = 0; i < npages; i++)
-				if (!check_page(i) && !bad++)
-					first = i;
-			if (bad)
-				printf("BAD %zu pages, first %p\n", bad, (void *)(buf + first * PAGE));
-			else
-				printf("ok %zu\n", npages);
-			fflush(stdout);
-			pthread_rwlock_unlock(&park);
+			check_all();
 		}
 	}
 }
