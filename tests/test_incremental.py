@@ -254,3 +254,39 @@ def test_missing_foreign_or_cyclic_parent_refused(procs, tmp_path):
     os.kill(pid, signal.SIGUSR2)
     wait_file_line(out, lambda s: s.startswith("phase 2 "))
     assert "check 1 ok" in read_lines(out)
+
+
+def test_failed_incremental_dump_keeps_tracking_without_base(procs, tmp_path):
+    """An incremental dump interrupted once it has taken the kept tracking (its scan re-armed the
+    written bits): no image, the target runs on, still tracked by the same holder, but counting
+    from no image: a later --parent dump is refused; a full dump with --keep-tracking starts
+    over."""
+    from ckpt.dump.session import DumpOptions, dump as do_dump
+    from ckpt.errors import DumpInterrupted
+    p, out = _start(procs, tmp_path)
+    i1, i2 = tmp_path / "i1", tmp_path / "i2"
+    try:
+        r1 = dump(p.pid, i1, "--leave-running", "--keep-tracking")
+        _step(p, out, 1)
+        armed = []
+        opts = DumpOptions(output=str(i2), leave_running=True, keep_tracking=True, parent=str(i1),
+                           progress=lambda info: armed.append(info["event"]),
+                           interrupted=lambda: signal.SIGINT if "arm" in armed else None)
+        try:
+            do_dump(p.pid, opts)
+            raise AssertionError("the dump was not interrupted")
+        except DumpInterrupted:
+            pass
+        assert "arm" in armed and not i2.exists()
+        held = keep.find(p.pid)
+        assert held is not None and held.holder == r1["tracking"]["holder"] and held.base is None
+        assert _uw_mappings(p.pid) > 0
+        _step(p, out, 2)
+        rc, o, e = run_ckpt("dump", p.pid, "-o", i2, "--parent", i1, "--leave-running")
+        assert rc != 0 and "no tracking kept for process %d since" % p.pid in e, e
+        r3 = dump(p.pid, tmp_path / "i3", "--leave-running", "--keep-tracking")
+        assert keep.find(p.pid).base == r3["image_id"]
+        _step(p, out, 3)
+        dump(p.pid, tmp_path / "i4", "--parent", tmp_path / "i3", "--leave-running")
+    finally:
+        _untrack_at_end(p.pid)
