@@ -71,10 +71,27 @@ def _start(procs, tmp_path):
 
 
 def _untrack_at_end(pid):
+    """End of a test: the tracking ended, and its holders reaped (a holder's parent exits at
+    once: it is reparented to the test process, a child subreaper)."""
     try:
         keep.untrack(pid)
     except Exception:
         pass
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            holder = int(fields[1]) == os.getpid() and _comm(int(name)) == keep.HOLDER_NAME
+        except (OSError, ValueError, IndexError):
+            continue
+        if holder:
+            try:
+                os.kill(int(name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            wait_gone(int(name))
 
 
 def test_keep_tracking_then_untrack(procs, tmp_path):
@@ -120,6 +137,7 @@ def test_holder_exits_when_target_exits(procs, tmp_path):
     p.wait(timeout=WAIT)
     wait_gone(holder)
     assert not os.path.exists(keep.state_path(p.pid))
+    _untrack_at_end(p.pid)
 
 
 def test_chain_of_three_restored(procs, tmp_path):
