@@ -290,9 +290,10 @@ class Dump:
             tree.refuse_cut(self.pid, below)
             return
         if below and (self.opts.keep_tracking or self.opts.parent):
-            raise TargetError("process %d has descendants (%s): %s works on one process only; add --single "
-                              "to dump it alone" % (self.pid, " ".join(str(i["pid"]) for i in below[:8]),
-                                                    "--keep-tracking" if self.opts.keep_tracking else "--parent"))
+            raise TargetError("process %d has descendants (%s): %s works on one process only (with --single, "
+                              "where it can be dumped alone)" % (self.pid, " ".join(str(i["pid"]) for i in below[:8]),
+                                                                 "--keep-tracking" if self.opts.keep_tracking
+                                                                 else "--parent"))
         for info in below:
             if info["state"] in ("Z", "X"):
                 self.zombies.append(info)
