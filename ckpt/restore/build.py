@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from ckpt.errors import CkptError, ImageError, RestoreError
-from ckpt.image.reader import ImageReader
+from ckpt.image.reader import open_chain
 from ckpt.kernel import procfs, sysno
 from ckpt.kernel.native import PAGE_SIZE, lib
 from ckpt.kernel.ptrace import _call
@@ -79,7 +79,7 @@ class Plan:
     def __init__(self, path, opts=None, rollback=False):
         """rollback: for `ckpt restore --into` (ckpt/restore/into.py), whose process holds the PIDs."""
         self.opts = opts if opts is not None else RestoreOptions()
-        self.reader = ImageReader(path)
+        self.reader = open_chain(path)      # an incremental image with its parents under it
         self.members = []
         self.shm = {}           # (dev, inode) -> ckpt-local memfd holding a shared memory object
         try:
