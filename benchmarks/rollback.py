@@ -409,6 +409,23 @@ def main(argv=None):
               "| %d of %d identical |" % (
             sz, fmt(med([r["restore_ms"] / 1000 for r in fr]), ".3f"), fmt(med([r["wall_s"] for r in fr]), ".3f"),
             fmt(med([r.get("pages_written") for r in fr]), ",.0f"), len(fr), len(fr)))
+    phases = []
+    for rs in results["rollback"].values():
+        for r in rs:
+            phases += [k for k in r.get("freeze_breakdown_ms", {}) if k not in phases]
+    if phases:
+        print()
+        print("Where the rollback's freeze goes (median ms per phase, from `freeze_breakdown_ms`):")
+        print()
+        print("| written since the snapshot | method | freeze | " + " | ".join(phases) + " |")
+        print("|---:|---|---:|" + "---:|" * len(phases))
+        for percent, _ in FRACTIONS:
+            for tracking in (True, False):
+                rs = results["rollback"].get("%d%% %s" % (percent, "tracking" if tracking else "full"), [])
+                if rs:
+                    print("| %d%% | %s | %s | %s |" % (
+                        percent, "kept tracking" if tracking else "no tracking", fmt(med([r["freeze_ms"] for r in rs]), ".2f"),
+                        " | ".join(fmt(med([r.get("freeze_breakdown_ms", {}).get(p) for r in rs]), ".2f") for p in phases)))
     if results["errors"]:
         print()
         print("### Errors")
