@@ -206,10 +206,11 @@ class Rollback:
         except ImportError:
             keep = None
         self.held = keep.find(self.pid) if keep is not None else None
+        self.image_id = (self.plan.metas.get("dump") or {}).get("image_id")
         if self.held is not None:
-            image_id = (self.plan.metas.get("dump") or {}).get("image_id")
-            self.tracking = image_id is not None and self.held.base == image_id
+            self.tracking = self.image_id is not None and self.held.base == self.image_id
             self.tracker = AsyncTracker.adopt(self.held.take_uffd(), self.pid, self.held.ranges)
+            self.tracker.rearm_final = True
             return
         t = time.perf_counter()
         fd = steal_uffd(self.pid, procfs.read_maps(self.pid), O_CLOEXEC | O_NONBLOCK | USER_MODE_ONLY,
@@ -220,6 +221,7 @@ class Rollback:
         except BaseException:
             os.close(fd)
             raise
+        self.tracker.rearm_final = True     # the freeze's scan re-arms: the last one finds only later writes
         stop = Freezer(self.pid, check=self._check)
         try:
             stop.freeze()
@@ -229,19 +231,23 @@ class Rollback:
             self.stops.append({"what": "arm", "ms": round(stop.freeze_ms, 3)})
         self.tracker.protect(ok)
 
-    def _kept(self, maps):
-        """The process's mappings that are exactly the image's (merged neighbours alike) and
-        tracked: their pages are compared. Returns (kept live mappings, image mappings to map
-        again, live mappings to unmap)."""
+    def _kept(self, maps, untracked=()):
+        """The process's mappings that are exactly the image's (neighbours equal in all but
+        their ends taken as one, on both sides: the kernel merges and splits them on its own)
+        and tracked whole: their pages are compared. Returns (kept live mappings, image
+        mappings to map again, live mappings to unmap). untracked: (start, end) of mappings
+        a scan found unregistered."""
         image = [m for m in self.plan.maps if m["kind"] != "special"]
         live = [v for v in maps if v.kind != "special"]
         cov = _coverage(self.tracker)
         ikeys = {_segment_key(s) for s in _segments([_image_attrs(m) for m in image])}
-        keep_ranges = []
+        kept = []
         for seg in _segments([_live_attrs(v) for v in live]):
-            if _segment_key(seg) in ikeys:
-                keep_ranges.append((seg["start"], seg["end"]))
-        kept = [v for v in live if _inside(v, keep_ranges) and cov(v)]
+            if _segment_key(seg) not in ikeys:
+                continue
+            inside = [v for v in live if seg["start"] <= v.start and v.end <= seg["end"]]
+            if all(cov(v) and (v.start, v.end) not in untracked for v in inside):
+                kept += inside
         kr = [(v.start, v.end) for v in kept]
         again = [m for m in image if not _covered(m["start"], m["end"], kr)]
         gone = [v for v in live if not _inside(v, kr)]
@@ -370,12 +376,8 @@ class Rollback:
         # pages written since they were protected (and kept mappings found unregistered now:
         # replaced meanwhile, so mapped again whole)
         untracked, runs = self.tracker.final(tracked)
-        if untracked:
-            bad = {(v.start, v.end) for v in untracked}
-            kept = [v for v in kept if (v.start, v.end) not in bad]
-            kr = [(v.start, v.end) for v in kept]
-            again = [m for m in self.plan.maps if m["kind"] != "special" and not _covered(m["start"], m["end"], kr)]
-            gone = [v for v in maps if v.kind != "special" and not _inside(v, kr)]
+        if untracked:       # replaced meanwhile: mapped again whole
+            kept, again, gone = self._kept(maps, {(v.start, v.end) for v in untracked})
             tracked = [v for v in kept if v.kind in ("anon", "file-private")]
         # pages written since they were compared: compared again. A staged page stays staged
         # (its content is the image's whatever the process wrote since), so this only adds
@@ -639,13 +641,18 @@ class Rollback:
         """All threads go on from the image's state; the protection stays with kept tracking
         (the holder's), else is lifted with the uffd."""
         self.freezer.thaw()
-        self._untrack()
+        self._untrack(rolled_back=True)
 
-    def _untrack(self):
+    def _untrack(self, rolled_back=False):
+        """The kept tracking (its holder keeps the uffd) counts from this image from now on
+        once the process is rolled back to it: every page it has not flagged since is the
+        image's. Else the uffd is closed, which lifts the protection."""
         tr, self.tracker = self.tracker, None
         if tr is None:
             return
         if self.held is not None:
+            if rolled_back:
+                self.held.rebase(self.image_id, ranges=tr.ranges())
             tr.release()
         else:
             tr.disarm()
