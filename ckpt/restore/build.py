@@ -108,7 +108,7 @@ class Plan:
                 parts.check(pp.proc, pp.threads)
                 pp.paths = PathOpener(pp.proc["creds"], check_content=not self.opts.allow_file_change)
                 self._open_files(pp)
-                files.precheck(pp.fds, pp.paths, self.opts)
+                files.precheck(_not_held(pp.pid, pp.fds) if rollback else pp.fds, pp.paths, self.opts)
             self.paths = root.paths
             if not rollback:
                 self._check_pids()
@@ -305,6 +305,21 @@ def _free_gap(busy, size, floor=0x100000000):
     if cand + size <= TASK_TOP:
         return cand
     raise RestoreError("no free address range of %d bytes for the restorer" % size)
+
+
+def _not_held(pid, entries):
+    """Rollback: the fd entries that running process pid does not hold now as the same objects.
+    The others are kept as they are (files.rollback_fds), not made again: nothing to check (a
+    server's listening socket or connection it holds would be "in use" or "already exists")."""
+    out = []
+    for e in entries:
+        try:
+            st = os.stat("/proc/%d/fd/%d" % (pid, e["fd"]))
+        except OSError:
+            st = None
+        if st is None or not files.same_object(e, st):
+            out.append(e)
+    return out
 
 
 def pid_taken(pid):
