@@ -30,6 +30,7 @@ a failure after it has begun kills the process: it is never left half rolled bac
 import bisect
 import errno
 import os
+import re
 import signal
 import struct
 import time
@@ -46,7 +47,7 @@ from ckpt.kernel.memio import first_diff_page
 from ckpt.kernel.native import PAGE_SIZE
 from ckpt.kernel.ptrace import _call, find_syscall_insn, sigchld_blocked
 from ckpt.kernel.uffd import USER_MODE_ONLY
-from ckpt.restore.build import Builder, Plan, _free_gap, _map_mode, pid_taken
+from ckpt.restore.build import Builder, Plan, _free_gap, _map_mode
 from ckpt.restore.remote import SCRATCH_SIZE, Remote
 from ckpt.state import parts, process, seccomp, threads, timers, vmflags
 
@@ -100,7 +101,14 @@ class Rollback:
     def run(self):
         if not isinstance(self.pid, int) or self.pid <= 0:
             raise TargetError("invalid PID %r" % (self.pid,))
-        self.plan = Plan(self.path, self.opts, rollback=True)
+        # what the plan warns of an fd (a stream leading out, reopened on /dev/null) is said
+        # only if that fd is made again: a kept fd stays what it is
+        warn, self.deferred = self.opts.warn, []
+        self.opts.warn = self.deferred.append
+        try:
+            self.plan = Plan(self.path, self.opts, rollback=True)
+        finally:
+            self.opts.warn = warn
         try:
             self._refuse()
             check_target(self.pid, leave_running=True)
@@ -190,8 +198,9 @@ class Rollback:
         if not feats["async"]:
             raise RestoreError("rollback (--into) needs userfaultfd WP_ASYNC and PAGEMAP_SCAN (Linux 6.7+)")
         process.refuse_namespaces(pid)
+        tasks = procfs.tasks(pid)
         for t in plan.threads:
-            if not procfs.exists(t["tid"]) and pid_taken(t["tid"]) and t["tid"] not in procfs.tasks(pid):
+            if t["tid"] not in tasks and procfs.exists(t["tid"]):
                 raise RestoreError("thread %d of the image has exited and its TID is taken by another process: "
                                    "it cannot be made again" % t["tid"])
 
@@ -305,6 +314,8 @@ class Rollback:
         mem = MemIO(self.pid)
         try:
             for a0, n0 in sorted(runs):
+                if not self.freezer:
+                    self._check()       # live: ckpt's own signals acted on between runs
                 for a in range(a0, a0 + n0, CHUNK):
                     b = min(a0 + n0, a + CHUNK)
                     i = bisect.bisect_right(starts, a) - 1
@@ -572,6 +583,10 @@ class Rollback:
                 pass
         self.fds = files.rollback_fds(r, self.plan.fds, live, self.opts, paths,
                                       TreeObjects(several=False, tables={self.pid: self.plan.fds}))
+        for msg in self.deferred:
+            m = re.match(r"fd (\d+) ", msg)
+            if m is None or int(m.group(1)) in self.fds[1]:
+                self.opts.warn(msg)
         if r.ckpt_pidfd is not None:
             r.call(sysno.close, r.ckpt_pidfd, ok_errors=(errno.EBADF,))
             r.ckpt_pidfd = None
