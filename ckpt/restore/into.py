@@ -28,6 +28,7 @@ A failure before the freeze leaves the process as it was (protection lifted, thr
 a failure after it has begun kills the process: it is never left half rolled back.
 """
 import bisect
+import dataclasses
 import errno
 import os
 import re
@@ -581,7 +582,10 @@ class Rollback:
                 live[fd] = os.stat(procfs.proc(self.pid, "fd", str(fd)))
             except OSError:
                 pass
-        self.fds = files.rollback_fds(r, self.plan.fds, live, self.opts, paths,
+        # a TCP connection of the image the process no longer holds was closed since: its peer
+        # has gone on without it, so it is made again closed (the peer sees a reset)
+        opts = dataclasses.replace(self.opts, tcp_close=True)
+        self.fds = files.rollback_fds(r, self.plan.fds, live, opts, paths,
                                       TreeObjects(several=False, tables={self.pid: self.plan.fds}))
         for msg in self.deferred:
             m = re.match(r"fd (\d+) ", msg)
