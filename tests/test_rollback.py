@@ -253,3 +253,34 @@ def _children(pid):
 def _uffd_in(pid):
     fds = "/proc/%d/fd" % pid
     return any("userfaultfd" in os.readlink(os.path.join(fds, f)) for f in os.listdir(fds))
+
+
+def test_incremental_chain_and_back_and_forth(procs, tmp_path):
+    """Snapshot IMG1 (tracking kept), run on, incremental IMG2 (--parent IMG1), run on; roll
+    back to IMG2 (tracking counts from it: only written pages compared), then to IMG1 (the
+    tracking does not count from it: all compared), each time printing again what followed it."""
+    args = (4, 400, 10, 16, -1, 0, 0, 40)
+    p, reader = procs.start("compute", *args, stdout=subprocess.PIPE)
+    _read_until(reader, 40)
+    img1, img2 = tmp_path / "img1", tmp_path / "img2"
+    dump(p.pid, img1, "--leave-running", "--keep-tracking")
+    os.kill(p.pid, signal.SIGUSR2)
+    after1 = _read_until(reader, 80)
+    dump(p.pid, img2, "--leave-running", "--keep-tracking", "--parent", str(img1))
+    os.kill(p.pid, signal.SIGUSR2)
+    after2 = _read_until(reader, 120)
+    res = rollback(p.pid, img2, "--verify")
+    assert res["tracking"] is True and res["verified"], res
+    os.kill(p.pid, signal.SIGUSR2)
+    assert _read_until(reader, 120) == after2
+    res = rollback(p.pid, img1, "--verify")
+    assert res["tracking"] is False and res["verified"], res
+    os.kill(p.pid, signal.SIGUSR2)
+    assert _read_until(reader, 80) == after1
+    # the tracking now counts from IMG1: a rollback to it compares only what was written since
+    res = rollback(p.pid, img1, "--verify")
+    assert res["tracking"] is True, res
+    os.kill(p.pid, signal.SIGUSR2)
+    assert _read_until(reader, 80) == after1
+    rc, _, err = run_ckpt("untrack", p.pid)
+    assert rc == 0, err
