@@ -45,7 +45,7 @@ from ckpt.files.base import TreeObjects
 from ckpt import files
 from ckpt.kernel import features, pagemap, procfs, sysno
 from ckpt.kernel.memio import first_diff_page
-from ckpt.kernel.native import PAGE_SIZE
+from ckpt.kernel.native import PAGE_SIZE, runs_array
 from ckpt.kernel.ptrace import _call, find_syscall_insn, sigchld_blocked
 from ckpt.kernel.uffd import USER_MODE_ONLY
 from ckpt.restore.build import Builder, Plan, _free_gap, _map_mode
@@ -87,7 +87,7 @@ class Rollback:
         self.stops = []
         self.write = {}             # page address -> the image's content, staged to be written there
         self.drop = set()           # page addresses staged: dropped (the image holds no page there)
-        self.stage = None           # the pages staged live: (sorted addresses, runs, their content)
+        self.stage = None           # the pages staged live: (runs, runs_array(runs), their content)
         self.more = {}              # pages staged in the freeze
         self.compared = 0
         self.t0 = time.perf_counter()
@@ -270,6 +270,7 @@ class Rollback:
         maps = procfs.read_maps(self.pid, with_identity=True)
         kept, _, _ = self._kept(maps)
         tracked = [v for v in kept if v.kind in ("anon", "file-private")]
+        self.live_tracked = copymod.merge_ranges([(v.start, v.end) for v in tracked])
         if self.tracking:
             untracked, runs = self.tracker.written(tracked)
             if untracked:       # registered no more (replaced since): compared whole
@@ -283,7 +284,8 @@ class Rollback:
         # the staged pages laid out for one write now, while the process runs: the buffer's
         # memory is touched here (a fresh page costs microseconds to touch, not in the freeze)
         pages = sorted(self.write)
-        self.stage = (pages, _page_runs(pages, ordered=True), b"".join([self.write[p] for p in pages]))
+        runs = _page_runs(pages, ordered=True)
+        self.stage = (runs, runs_array(runs), b"".join([self.write[p] for p in pages]))
 
     def _candidates(self, vmas):
         """Pages that may differ from the image: those the process holds (present or swapped)
@@ -400,10 +402,10 @@ class Rollback:
         self.write.update(self.more)
         # staged pages of mappings that are no longer kept: those are mapped again whole
         kr = copymod.merge_ranges([(v.start, v.end) for v in tracked])
-        if any(not _in(kr, p) for p in self.write):
+        if not all(_covered(s_, e_, kr) for s_, e_ in self.live_tracked):
             self.write = {p: v for p, v in self.write.items() if _in(kr, p)}
             self.stage, self.more = None, self.write
-        self.drop = {p for p in self.drop if _in(kr, p)}
+            self.drop = {p for p in self.drop if _in(kr, p)}
         mark("final_compare")
 
         r = self.remote = Remote(pid)
@@ -510,28 +512,33 @@ class Rollback:
         res = r.many([(sysno.madvise, (a, n, MADV_DONTNEED)) for a, n in drops],
                      what=lambda nr, a: "madvise(MADV_DONTNEED) of %#x" % a[0], ok_errors=(errno.EINVAL,))
         refused = {p for (a, n), rc in zip(drops, res) if rc < 0 for p in range(a, a + n, PAGE_SIZE)}
-        done = _page_runs(self.write.keys() | refused)
-        # protection lifted first (one call for all the runs): a write fault per page costs more
-        self.tracker.uffd.protect_runs(done, on=False)
-        if self.stage is not None and self.stage[0]:
-            st = r.mem.write_runs(self.stage[1], self.stage[2])
-            _check_written(self.stage[1], st)
+        if self.stage:
+            self._write_prepared(r)
         self._write_pages(r, self.more, refused, self._kept_now())
-        if done:
-            self.tracker.pm.scan([(a, a + n) for a, n in done], flags=pagemap.WP_MATCHING, mask=pagemap.WRITTEN,
-                                 ret_mask=pagemap.WRITTEN, vec=False)
         return len(self.write) + len(refused)
 
+    def _write_prepared(self, r):
+        """The pages staged live, as prepared (see _compare_live). (Two threads writing halves
+        at once were no faster here: the kernel's work per page does not spread.)"""
+        runs, arr, data = self.stage
+        _check_written(runs, r.mem.write_runs(runs, data, prepared=arr))
+
     def _settle(self, r):
+        """Last, with no syscall injected after it: the threads' rseq areas compared again and
+        put back. The kernel updates them (cpu_id ...) on every return to user space, which
+        ckpt's injected calls make; nothing else of the process's memory is written by them
+        (their arguments and results live in the scratch area). --verify checks exactly that."""
         cov = _coverage(self.tracker)
         tracked = [v for v in procfs.read_maps(self.pid, with_identity=True)
                    if v.kind in ("anon", "file-private") and cov(v)]
-        untracked, runs = self.tracker.written(tracked)
-        if untracked:
-            raise RestoreError("mappings %s are no longer tracked in the freeze"
-                               % ", ".join("%#x-%#x" % (v.start, v.end) for v in untracked))
+        pages = set()
+        for t in self.plan.threads:
+            rs = t.get("rseq")
+            if rs and rs.get("ptr"):
+                first = rs["ptr"] & ~(PAGE_SIZE - 1)
+                pages.update(range(first, rs["ptr"] + max(rs.get("size", 32), 32), PAGE_SIZE))
         write, drop = {}, set()
-        self._compare(tracked, runs, into=(write, drop), count=False)
+        self._compare(tracked, _page_runs(pages), into=(write, drop), count=False)
         self._write_pages(r, write, drop, tracked)
         return len(write) + len(drop)
 
@@ -793,6 +800,17 @@ def _in(merged, p):
 
 def _merge(ranges):
     return [tuple(r) for r in copymod.merge_ranges(ranges)]
+
+
+def _spans(runs, gap=4 << 20):
+    """(start, end) spans covering the runs, joined across gaps up to `gap` bytes."""
+    out = []
+    for a, n in sorted(runs):
+        if out and a - out[-1][1] <= gap:
+            out[-1][1] = max(out[-1][1], a + n)
+        else:
+            out.append([a, a + n])
+    return [tuple(x) for x in out]
 
 
 def _check_written(runs, status):
