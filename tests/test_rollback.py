@@ -103,6 +103,7 @@ def test_python_layout_threads_fds_changed_since(procs, tmp_path):
         assert res["mappings_unmapped"] > 0 and res["mappings_mapped"] > 0, res
         assert res["fds_closed"] and res["fds_made"], res
         assert res["threads_ended"], res        # the helper thread started since
+        assert res["threads_made"], res         # the one alive at the snapshot, joined since
     _scenario(procs, tmp_path, "pyroll.py", PYROLL, PYROLL[-1], check=check)
 
 
