@@ -7,15 +7,21 @@ The demo's exit status is 0 only when every check passed (after each rollback: D
 DBSIZE equal the fixture's, same PID, the connection opened after the snapshot closed, the one
 opened before still served on its socket). This module checks that, the rows of its table, and
 that nothing is left behind (redis, the ckpt-track process that kept the tracking, the work
-directory), also when the demo is interrupted while it holds the tracking. No timing is asserted.
+directory), also when the demo is interrupted while it holds the tracking. And
+benchmarks/rollback.py in its quick mode, whose every rollback is checked byte for byte against
+the snapshot's memory. No timing is asserted.
 """
+import json
 import os
 import re
-
-from restore_support import exists
-from test_demos import DEMOS, _have, _interrupt_during_load, _run_demo, assert_gone, reaper  # noqa: F401 (fixture)
+import subprocess
+import sys
 
 import pytest
+
+from restore_support import exists
+from test_demos import (DEMO_TIMEOUT, DEMOS, ROOT, _have, _interrupt_during_load, _run_demo, assert_gone,  # noqa: F401
+                        reaper)
 
 SCRIPT = "rollback_redis.py"
 TRACKING_DIR = "/run/ckpt/tracking"
@@ -82,3 +88,30 @@ def test_rollback_demo_interrupted_cleans_up(reaper):  # noqa: F811
         assert holder and exists(holder) and exists(pid), out
 
     _interrupt_during_load([os.path.join(DEMOS, SCRIPT), "--small"], "snapshot: ", _assert_clean, holding)
+
+
+def test_rollback_benchmark_quick(tmp_path):
+    """benchmarks/rollback.py --quick (256 MiB, one measurement of each kind): every rollback,
+    with and without kept tracking, leaves the writer's memory byte for byte as at the snapshot,
+    and so does the fresh restore; the benchmark exits 0 only then. What it measures is not
+    checked (no timing assertions), only what it reports."""
+    out_json = tmp_path / "rollback.json"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "rollback.py"), "--quick", "--json", str(out_json)],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=ROOT, timeout=DEMO_TIMEOUT)
+    assert p.returncode == 0, "rollback.py exited with %d:\n%s\n%s" % (p.returncode, p.stdout[-3000:], p.stderr[-3000:])
+    for row in ("| 1% (656 pages) | restore --into, kept tracking |", "| 1% (656 pages) | restore --into, no tracking",
+                "| 10% (6,554 pages) | restore --into, kept tracking |", "| 10% (6,554 pages) | restore --into, no tracking",
+                "| fresh `ckpt restore` (target killed) |"):
+        assert row in p.stdout, "no %r in the report:\n%s" % (row, p.stdout)
+    with open(out_json) as f:
+        res = json.load(f)["results"]
+    assert not res["errors"], res["errors"]
+    for key, rs in res["rollback"].items():
+        assert len(rs) == 1, (key, rs)
+        r = rs[0]
+        assert r["tracking"] is key.endswith("tracking"), (key, r["tracking"])
+        # the stamped pages are written back (and a few of the program's own: its stack, stdio)
+        assert r["stamped"] <= r["pages_written"] <= r["stamped"] + 64, (key, r["stamped"], r["pages_written"])
+        if r["tracking"]:
+            assert r["pages_compared"] <= r["stamped"] + 64, (key, r["pages_compared"])
+    assert len(res["fresh"]) == 1, res["fresh"]
