@@ -13,7 +13,8 @@ Steps:
      --change-percent of the keys, new keys; FLUSHDB in the middle round) through a connection
      opened after the snapshot; then `ckpt restore IMG --into PID --json` rolls redis back while
      it runs (same PID); reconnect; DEBUG DIGEST and DBSIZE equal the fixture's; the connection
-     opened after the snapshot was closed by the rollback, the one opened before still answers
+     opened after the snapshot was closed by the rollback, the one opened before still answers.
+     With kept tracking, one more round after `ckpt untrack PID`: a rollback comparing all pages
   5. the same data put back two other ways, in the same run: redis's own FLUSHALL and reload of
      the fixture (`redis-cli --pipe`), then a full restore (redis killed, `ckpt restore IMG`);
      each checked with DEBUG DIGEST
@@ -34,7 +35,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (WAIT, Checks, DemoError, Run, alive, fmt_ms, free_port, log, main_wrapper,  # noqa: E402
+from _common import (Checks, DemoError, Run, alive, fmt_ms, free_port, log, main_wrapper,  # noqa: E402
                      table, wait_for)
 
 try:
@@ -288,20 +289,26 @@ def _body(args, run, srv, checks, rows, tracking):
         log("  (this ckpt has no dump --keep-tracking: each rollback compares all of redis's memory)")
 
     flush_round = (args.rounds + 1) // 2
-    digest_ok = []
-    for k in range(1, args.rounds + 1):
+    rounds = [(k, k == flush_round, bool(tracking)) for k in range(1, args.rounds + 1)]
+    if tracking:
+        rounds.append((args.rounds + 1, False, False))     # the same once the tracking is ended
+    for k, flush, tracked in rounds:
+        if tracking and not tracked:
+            rc, out, err, _ = run.ckpt("untrack", srv.pid, tag="ckpt-untrack")
+            checks("ckpt untrack: the kept tracking ended", rc == 0 and not holder_of(srv.pid),
+                   (err or out).strip())
+            log("round %d: tracking ended (ckpt untrack): this rollback compares all of redis's memory" % k)
         late = srv.connection()         # opened after the snapshot: the rollback closes it
         c = srv.client()
-        n = change_data(c, args.keys, args.seed, k, args.change_percent, flush=(k == flush_round))
+        n = change_data(c, args.keys, args.seed, k, args.change_percent, flush=flush)
         changed, size1 = _s(c.execute_command("DEBUG", "DIGEST")), c.dbsize()
         c.close()
         checks("round %d: the test changed the data" % k, changed != digest0,
-               "%d commands%s, DBSIZE %d" % (n, " with FLUSHDB" if k == flush_round else "", size1))
+               "%d commands%s, DBSIZE %d" % (n, " with FLUSHDB" if flush else "", size1))
         late_ok = answers(late)
         res, wall = rollback(run, img, srv.pid, k)
         d, size = state(srv)        # a new connection: the round's ones are gone
         ok = d == digest0 and size == size0 and res.get("pid") == srv.pid and alive(srv.pid)
-        digest_ok.append(ok)
         log("rollback %d: freeze %.2f ms, total %.0f ms (ckpt %.0f ms); pages compared %s, identical %s, "
             "written %s, dropped %s; tracking %s"
             % (k, res["freeze_ms"], wall * 1000, res["elapsed_s"] * 1000, res.get("pages_compared"),
@@ -315,10 +322,12 @@ def _body(args, run, srv, checks, rows, tracking):
         back = answers(held)
         checks("round %d: the connection opened before the snapshot still answers on its socket" % k,
                back is True and held._sock is held_sock, str(back))
-        if tracking:
+        if tracked:
             checks("round %d: the rollback compared only what was written since the snapshot" % k,
-                   res.get("tracking") is True, "tracking %s" % res.get("tracking"))
-        rows.append(["rollback %d (restore --into%s)" % (k, ", FLUSHDB" if k == flush_round else ""),
+                   res.get("tracking") is True, "tracking %s, %s pages compared"
+                   % (res.get("tracking"), res.get("pages_compared")))
+        rows.append(["rollback %d (restore --into%s%s)" % (k, ", FLUSHDB" if flush else "",
+                                                         "" if tracked else ", all pages compared"),
                      fmt_ms(res["freeze_ms"], 2), fmt_ms(wall * 1000, 0), "yes" if ok else "NO"])
 
     held.send_command("CLIENT", "ID")
@@ -356,12 +365,13 @@ def _body(args, run, srv, checks, rows, tracking):
     if holder:
         wait_for(lambda: not alive(holder), "the tracking holder to exit with the killed redis", timeout=30)
 
-    freezes = [float(r[1]) for r in rows if r[0].startswith("rollback")]
+    freezes = [float(r[1]) for r in rows if r[0].startswith("rollback") and "all pages" not in r[0]]
     table(["method", "freeze/unavailable ms", "total ms", "digest ok"], rows,
           title="Putting the fixture back (%d keys, used_memory %.0f MiB). Rollback: redis stopped for the freeze "
-                "only (median %.2f ms), total = `ckpt restore --into` run by the demo, process start included; "
+                "only (median %.2f ms%s), total = `ckpt restore --into` run by the demo, process start included; "
                 "reload and full restore: the data is unavailable throughout"
-                % (args.keys, srv.used_memory() / 2**20, statistics.median(freezes)))
+                % (args.keys, srv.used_memory() / 2**20, statistics.median(freezes),
+                   " with kept tracking" if tracking else ""))
 
 
 def main():

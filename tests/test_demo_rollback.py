@@ -67,12 +67,19 @@ def test_rollback_demo_small(reaper):  # noqa: F811
         m = re.search(r"^rollback %d: freeze [\d.]+ ms, total \d+ ms .*; tracking True$" % k, out, re.M)
         assert m, "no line for rollback %d:\n%s" % (k, out[-6000:])
     assert re.search(r"round 2: the test changed the data: \d+ commands with FLUSHDB", out), out[-6000:]
+    # a fourth round once `ckpt untrack` ended the tracking: rolled back all the same, all pages compared
+    for check in ("ckpt untrack: the kept tracking ended", "round 4: the test changed the data",
+                  "round 4: rolled back, DEBUG DIGEST and DBSIZE equal the fixture's",
+                  "round 4: the connection opened after the snapshot was closed by the rollback",
+                  "round 4: the connection opened before the snapshot still answers on its socket"):
+        assert re.search(r"^  \[ok\] %s" % re.escape(check), out, re.M), "no passed check %r:\n%s" % (check, out[-6000:])
+    assert re.search(r"^rollback 4: .*; tracking False$", out, re.M), out[-6000:]
     assert re.search(r"pid %d$" % pid, out, re.M), out[-6000:]
     for check in ("FLUSHALL + reload: DEBUG DIGEST and DBSIZE equal the fixture's",
                   "full restore (killed, ckpt restore): DEBUG DIGEST and DBSIZE equal the fixture's"):
         assert re.search(r"^  \[ok\] %s" % re.escape(check), out, re.M), "no passed check %r:\n%s" % (check, out[-6000:])
     for row in ("rollback 1 (restore --into)", "rollback 2 (restore --into, FLUSHDB)", "rollback 3 (restore --into)",
-                "FLUSHALL + reload (redis-cli --pipe)", "full restore (kill, ckpt restore)"):
+                "rollback 4 (restore --into, all pages compared)", "FLUSHALL + reload (redis-cli --pipe)", "full restore (kill, ckpt restore)"):
         assert re.search(r"^  %s +[\d.]+ +\d+ +yes *$" % re.escape(row), out, re.M), \
             "no row %r with its digest ok in the table:\n%s" % (row, out[-3000:])
     _assert_clean(out)
