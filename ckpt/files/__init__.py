@@ -270,9 +270,14 @@ def rollback_fds(remote, table_entries, live, options=None, paths=None, tree=Non
     closed = sorted(fd for fd in live if fd not in kept)
     remote.many([(sysno.close, (fd,)) for fd in closed], what="closing an fd opened since", ok_errors=(9,))
     table = _place(remote, table_entries, kept, options, paths, tree)
+    calls = []
     for e in table_entries:
         if e["fd"] in kept and "shares" not in e:
-            _set_fd_state(remote, e["fd"], e, table)
+            calls += _fd_state_calls(e["fd"], e)
+    remote.many(calls, what=lambda nr, a: "setting the flags or offset of fd %d" % a[0])
+    for e in table_entries:
+        if e["fd"] in kept and "shares" not in e:
+            fd_owner.restore(remote, e["fd"], e, table.tree)
     for e in table_entries:
         if e["fd"] in kept:
             _kind_call(e, BY_NAME.get(e["kind"], FdKind).rollback, remote, e, table)
@@ -337,11 +342,20 @@ def _place(remote, table_entries, keep, options, paths, tree):
 
 def _set_fd_state(remote, n, e, table):
     """Status flags, close-on-exec, owner and offset of fd n as the entry has them."""
-    remote.call(sysno.fcntl, n, F_SETFL, e["flags"] & ~(O_ACCMODE | O_CLOEXEC), what="fcntl(F_SETFL) of fd %d" % n)
-    remote.call(sysno.fcntl, n, F_SETFD, 1 if e["flags"] & O_CLOEXEC else 0, what="fcntl(F_SETFD) of fd %d" % n)
+    calls = _fd_state_calls(n, e)
+    remote.many(calls[:2], what=lambda nr, a: "fcntl(%s) of fd %d" % ("F_SETFL" if a[1] == F_SETFL else "F_SETFD", n))
     fd_owner.restore(remote, n, e, table.tree)
+    if calls[2:]:
+        remote.many(calls[2:], what="lseek of fd %d" % n)
+
+
+def _fd_state_calls(n, e):
+    """The injected calls that give fd n the status flags, close-on-exec and offset of entry e."""
+    calls = [(sysno.fcntl, (n, F_SETFL, e["flags"] & ~(O_ACCMODE | O_CLOEXEC))),
+             (sysno.fcntl, (n, F_SETFD, 1 if e["flags"] & O_CLOEXEC else 0))]
     if e["kind"] in ("file", "memfd") and e["pos"] and not e.get("inherit"):
-        remote.call(sysno.lseek, n, e["pos"], 0, what="lseek of fd %d" % n)
+        calls.append((sysno.lseek, (n, e["pos"], 0)))
+    return calls
 
 
 DEV_NULL = {"path": "/dev/null", "rdev": os.makedev(1, 3)}

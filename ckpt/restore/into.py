@@ -48,7 +48,7 @@ from ckpt.kernel.memio import first_diff_page
 from ckpt.kernel.native import PAGE_SIZE, runs_array
 from ckpt.kernel.ptrace import _call, find_syscall_insn, sigchld_blocked
 from ckpt.kernel.uffd import USER_MODE_ONLY
-from ckpt.restore.build import Builder, Plan, _free_gap, _map_mode
+from ckpt.restore.build import Builder, Plan, _free_gap, _map_mode, _outside
 from ckpt.restore.remote import SCRATCH_SIZE, Remote
 from ckpt.state import parts, process, seccomp, threads, timers, vmflags
 
@@ -59,9 +59,6 @@ PTRACE_SETOPTIONS = 0x4200
 PTRACE_O_TRACECLONE, PTRACE_O_SUSPEND_SECCOMP = 8, 1 << 21
 SYS_exit = 60
 WALL = 0x40000000
-# the mapping attributes that make one the image's: a page of a mapping equal in all of them is
-# compared; any other mapping is unmapped and mapped again
-IDENTITY = ("perms", "kind", "dev", "inode", "path")
 
 
 class RollbackInterrupted(CkptError):
@@ -89,6 +86,7 @@ class Rollback:
         self.drop = set()           # page addresses staged: dropped (the image holds no page there)
         self.stage = None           # the pages staged live: (runs, runs_array(runs), their content)
         self.more = {}              # pages staged in the freeze
+        self.buffers = None         # (actual, expected) page buffers of the comparisons
         self.compared = 0
         self.t0 = time.perf_counter()
 
@@ -126,6 +124,7 @@ class Rollback:
             self._arm()
             self._compare_live()
             self._check()
+            self.tracker.prepare_final()
             self.freezer = Freezer(self.pid, check=self._check)
             self.freezer.preseize()
             with sigchld_blocked():
@@ -242,32 +241,43 @@ class Rollback:
         self.tracker.protect(ok)
 
     def _kept(self, maps, untracked=()):
-        """The process's mappings that are exactly the image's (neighbours equal in all but
-        their ends taken as one, on both sides: the kernel merges and splits them on its own)
-        and tracked whole: their pages are compared. Returns (kept live mappings, image
-        mappings to map again, live mappings to unmap). untracked: (start, end) of mappings
-        a scan found unregistered."""
-        image = [m for m in self.plan.maps if m["kind"] != "special"]
+        """What of the process's memory is the image's mapping as it is: every range where a
+        tracked mapping of the process and one of the image's agree (protection, kind, file
+        and offset), whatever the mappings' ends (the kernel merges and splits them; a heap or
+        a stack that grew keeps what it had). Returns (those ranges as the process's mappings
+        cut to them, the image's mappings not wholly in them (mapped again around them), the
+        ranges of the process's memory outside them (unmapped)). untracked: (start, end) of
+        mappings a scan found unregistered (replaced since: mapped again)."""
+        image = sorted((m for m in self.plan.maps if m["kind"] != "special"), key=lambda m: m["start"])
+        istarts = [m["start"] for m in image]
         live = [v for v in maps if v.kind != "special"]
         cov = _coverage(self.tracker)
-        ikeys = {_segment_key(s) for s in _segments([_image_attrs(m) for m in image])}
         kept = []
-        for seg in _segments([_live_attrs(v) for v in live]):
-            if _segment_key(seg) not in ikeys:
+        for v in live:
+            if not cov(v) or any(s_ < v.end and v.start < e_ for s_, e_ in untracked):
                 continue
-            inside = [v for v in live if seg["start"] <= v.start and v.end <= seg["end"]]
-            if all(cov(v) and (v.start, v.end) not in untracked for v in inside):
-                kept += inside
-        kr = [(v.start, v.end) for v in kept]
+            i = max(0, bisect.bisect_right(istarts, v.start) - 1)
+            while i < len(image) and image[i]["start"] < v.end:
+                m = image[i]
+                i += 1
+                lo, hi = max(m["start"], v.start), min(m["end"], v.end)
+                if lo >= hi or not _same_mapping(m, v):
+                    continue
+                kept.append(dataclasses.replace(v, start=lo, end=hi, offset=v.offset + (lo - v.start)))
+        kr = _merged([(v.start, v.end) for v in kept])
         again = [m for m in image if not _covered(m["start"], m["end"], kr)]
-        gone = [v for v in live if not _inside(v, kr)]
+        gone = []
+        for v in live:
+            i = max(0, bisect.bisect_right(kr, [v.start, float("inf")]) - 1)
+            j = bisect.bisect_left(kr, [v.end, 0])
+            gone += _outside((v.start, v.end), kr[i:j])
         return kept, again, gone
 
     def _compare_live(self):
         """While the process runs: the pages of kept mappings that may differ from the image,
         compared; with kept tracking only those written since the image's freeze."""
         self._check()
-        maps = procfs.read_maps(self.pid, with_identity=True)
+        maps = procfs.read_maps(self.pid)
         kept, _, _ = self._kept(maps)
         tracked = [v for v in kept if v.kind in ("anon", "file-private")]
         self.live_tracked = copymod.merge_ranges([(v.start, v.end) for v in tracked])
@@ -311,26 +321,26 @@ class Rollback:
         if not runs:
             return
         exp = self._expected()
+        vmas = sorted(vmas, key=lambda v: v.start)
         starts = [v.start for v in vmas]
-        actual, expected = bytearray(CHUNK), bytearray(CHUNK)
+        if self.buffers is None:    # made once, before the freeze: fresh memory is slow to touch
+            self.buffers = (bytearray(b"\1" * CHUNK), bytearray(b"\1" * CHUNK))
+        actual, expected = self.buffers
         from ckpt.kernel.memio import MemIO
         mem = MemIO(self.pid)
         try:
             for a0, n0 in sorted(runs):
                 if not self.freezer:
                     self._check()       # live: ckpt's own signals acted on between runs
-                for a in range(a0, a0 + n0, CHUNK):
-                    b = min(a0 + n0, a + CHUNK)
-                    i = bisect.bisect_right(starts, a) - 1
-                    if i < 0 or vmas[i].end < b:
-                        # the run crosses mappings (a scan's run): page by page
-                        for p in range(a, b, PAGE_SIZE):
-                            j = bisect.bisect_right(starts, p) - 1
-                            if j >= 0 and vmas[j].end > p:
-                                self._compare_range(mem, exp, vmas[j], p, p + PAGE_SIZE, actual, expected,
-                                                    into, count)
-                        continue
-                    self._compare_range(mem, exp, vmas[i], a, b, actual, expected, into, count)
+                e0 = a0 + n0
+                # a run may cross the mappings' ends (a scan's runs do): compared piece by piece
+                i = max(0, bisect.bisect_right(starts, a0) - 1)
+                while i < len(vmas) and vmas[i].start < e0:
+                    v = vmas[i]
+                    i += 1
+                    lo, hi = max(a0, v.start), min(e0, v.end)
+                    for a in range(lo, hi, CHUNK):
+                        self._compare_range(mem, exp, v, a, min(hi, a + CHUNK), actual, expected, into, count)
         finally:
             mem.close()
 
@@ -384,12 +394,14 @@ class Rollback:
             marks[name] = round((now - lap[0]) * 1000, 3)
             lap[0] = now
         pid = self.pid
-        maps = procfs.read_maps(pid, with_identity=True)
+        maps = procfs.read_maps(pid)
         kept, again, gone = self._kept(maps)
         tracked = [v for v in kept if v.kind in ("anon", "file-private")]
         # pages written since they were protected (and kept mappings found unregistered now:
         # replaced meanwhile, so mapped again whole)
         untracked, runs = self.tracker.final(tracked)
+        self.final_pages = sum(n for _, n in runs) // PAGE_SIZE
+        mark("final_scan")
         if untracked:       # replaced meanwhile: mapped again whole
             kept, again, gone = self._kept(maps, {(v.start, v.end) for v in untracked})
             tracked = [v for v in kept if v.kind in ("anon", "file-private")]
@@ -401,7 +413,7 @@ class Rollback:
         self.more = {p: v for p, v in more.items() if p not in self.write}
         self.write.update(self.more)
         # staged pages of mappings that are no longer kept: those are mapped again whole
-        kr = copymod.merge_ranges([(v.start, v.end) for v in tracked])
+        kr = _merged([(v.start, v.end) for v in tracked])
         if not all(_covered(s_, e_, kr) for s_, e_ in self.live_tracked):
             self.write = {p: v for p, v in self.write.items() if _in(kr, p)}
             self.stage, self.more = None, self.write
@@ -421,12 +433,13 @@ class Rollback:
         r.set_scratch(got)
         mark("threads_ended")
         # the layout: what is not exactly the image's goes, the image's comes back, filled
-        unmaps = _merge([(v.start, v.end) for v in gone])
+        unmaps = _merge(gone)
         r.many([(sysno.munmap, (s, e - s)) for s, e in unmaps], what=lambda nr, a: "munmap of %#x" % a[0])
         pp = self.plan.members[0]
         sub = _SubPlan(pp, again)
         b = Builder(self.plan, sub, self.opts, r, TreeObjects(several=False, tables={pid: pp.fds}))
         b.busy = busy + [(got, got + SCRATCH_SIZE)]
+        b.kept = _merge([(v.start, v.end) for v in kept])    # mapped and filled around what is kept
         b._map_layout()
         opened = list(b.opened_fds)
         # the mappings made again are tracked too: what the kernel writes into memory while
@@ -435,7 +448,7 @@ class Rollback:
         if again:
             ar = [(m["start"], m["end"]) for m in again]
             made = [v for v in procfs.read_maps(pid) if v.kind in ("anon", "file-private")
-                    and any(s_ < v.end and v.start < e_ for s_, e_ in ar)]
+                    and any(s_ < v.end and v.start < e_ for s_, e_ in ar) and not _inside(v, b.kept)]
             ok, _ = self.tracker.register(made)
             self.tracker.protect(ok)
         b._patch_pages()
@@ -469,7 +482,7 @@ class Rollback:
                 "threads_made": self.made, "fds_kept": self.fds[0], "fds_made": self.fds[1],
                 "fds_closed": self.fds[2], "freeze_ms": round(freeze_ms, 3), "freeze_breakdown_ms": marks,
                 "stops": self.stops + [{"what": "freeze", "ms": round(freeze_ms, 3)}],
-                "pages_settled": self.settled, "pages_verified": verified, "verified": verified is not None,
+                "pages_settled": self.settled, "pages_written_meanwhile": self.final_pages, "pages_verified": verified, "verified": verified is not None,
                 "elapsed_s": round(time.perf_counter() - self.t0, 4)}
 
     def _end_new_threads(self):
@@ -529,8 +542,7 @@ class Rollback:
         ckpt's injected calls make; nothing else of the process's memory is written by them
         (their arguments and results live in the scratch area). --verify checks exactly that."""
         cov = _coverage(self.tracker)
-        tracked = [v for v in procfs.read_maps(self.pid, with_identity=True)
-                   if v.kind in ("anon", "file-private") and cov(v)]
+        tracked = [v for v in procfs.read_maps(self.pid) if v.kind in ("anon", "file-private") and cov(v)]
         pages = set()
         for t in self.plan.threads:
             rs = t.get("rseq")
@@ -563,7 +575,7 @@ class Rollback:
         _check_written(runs, r.mem.write_runs(runs, buf))
 
     def _kept_now(self):
-        maps = procfs.read_maps(self.pid, with_identity=True)
+        maps = procfs.read_maps(self.pid)
         return [v for v in maps if v.kind in ("anon", "file-private")]
 
     def _process_state(self, b, opened):
@@ -744,40 +756,14 @@ def _coverage(tracker):
     return covers
 
 
-def _image_attrs(m):
-    return {"start": m["start"], "end": m["end"], "perms": m["perms"], "kind": m["kind"],
-            "dev": _dev(m["dev"]), "inode": m["inode"], "path": m["path"] or "", "offset": m["offset"]}
-
-
-def _live_attrs(v):
-    return {"start": v.start, "end": v.end, "perms": v.perms, "kind": v.kind, "dev": _dev(v.dev),
-            "inode": v.inode, "path": v.path or "", "offset": v.offset}
-
-
-def _dev(d):
-    if isinstance(d, str) and ":" in d:
-        a, b = d.split(":")
-        return (int(a, 16), int(b, 16))
-    return d
-
-
-def _segments(attrs):
-    """Neighbouring mappings equal in everything (a file's at contiguous offsets) as one: the
-    kernel merges and splits them on its own (registration, mprotect back and forth)."""
-    out = []
-    for a in sorted(attrs, key=lambda x: x["start"]):
-        last = out[-1] if out else None
-        if (last and last["end"] == a["start"] and all(last[k] == a[k] for k in IDENTITY)
-                and (last["kind"] == "anon" or last["offset"] + (last["end"] - last["start"]) == a["offset"])):
-            last["end"] = a["end"]
-        else:
-            out.append(dict(a))
-    return out
-
-
-def _segment_key(s):
-    off = s["offset"] if s["kind"] != "anon" else 0
-    return (s["start"], s["end"], off) + tuple(s[k] for k in IDENTITY)
+def _same_mapping(m, v):
+    """Whether image mapping m and the process's mapping v map the same thing the same way
+    where they meet: protection, kind, device and inode, name, and (files) offset."""
+    if (m["perms"], m["kind"], m["inode"], m["path"] or "") != (v.perms, v.kind, v.inode, v.path or ""):
+        return False
+    if m["dev"] != v.dev:
+        return False
+    return m["kind"] == "anon" or m["offset"] - m["start"] == v.offset - v.start
 
 
 def _inside(v, ranges):
@@ -785,11 +771,19 @@ def _inside(v, ranges):
 
 
 def _covered(lo, hi, ranges):
-    """Whether [lo, hi) lies in the union of sorted or unsorted (start, end) ranges."""
-    for s, e in copymod.merge_ranges(ranges):
-        if s <= lo and hi <= e:
-            return True
-    return False
+    """Whether [lo, hi) lies in the union of (start, end) ranges (or merged, sorted [start,
+    end] lists: see _merged)."""
+    merged = ranges if isinstance(ranges, _Merged) else _merged(ranges)
+    i = bisect.bisect_right(merged, [lo, float("inf")]) - 1
+    return i >= 0 and merged[i][0] <= lo and hi <= merged[i][1]
+
+
+class _Merged(list):
+    pass
+
+
+def _merged(ranges):
+    return _Merged(copymod.merge_ranges(ranges))
 
 
 def _in(merged, p):
