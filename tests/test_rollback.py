@@ -285,3 +285,22 @@ def test_incremental_chain_and_back_and_forth(procs, tmp_path):
     assert _read_until(reader, 80) == after1
     rc, _, err = run_ckpt("untrack", p.pid)
     assert rc == 0, err
+
+
+@pytest.mark.parametrize("mode", ["timers", "sched", "membarrier"])
+def test_process_state_rolled_back(procs, tmp_path, mode):
+    """POSIX timers (IDs, time left, pending expiries: those of the process now deleted and the
+    image's made again), scheduling per thread, membarrier registrations: rolled back, the
+    target checks its own state and finds it as it was."""
+    p, reader = procs.start("ltstate", mode, stdout=subprocess.PIPE)
+    before = reader.readline()
+    assert before.startswith("before")
+    img = tmp_path / "img"
+    dump(p.pid, img, "--leave-running")
+    res = rollback(p.pid, img, "--verify")
+    assert res["verified"], res
+    os.kill(p.pid, signal.SIGUSR2)
+    rest = reader.read_all()
+    assert rest and rest[-1] == "done", rest
+    assert not [line for line in rest if "BAD" in line], rest
+    assert p.wait(timeout=WAIT) == 0

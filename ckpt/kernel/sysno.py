@@ -17,3 +17,4 @@ shutdown, socketpair, accept4, fchownat, unlinkat, fchmodat = 48, 53, 288, 260, 
 fchdir, chroot, setfsuid, setfsgid = 81, 161, 122, 123
 kill, rt_sigtimedwait, setrlimit = 62, 128, 160
 madvise = 28
+timer_delete = 226
