@@ -304,3 +304,38 @@ def test_process_state_rolled_back(procs, tmp_path, mode):
     assert rest and rest[-1] == "done", rest
     assert not [line for line in rest if "BAD" in line], rest
     assert p.wait(timeout=WAIT) == 0
+
+
+def test_ckpt_killed_in_the_freeze_kills_the_process(procs, tmp_path):
+    """ckpt SIGKILLed while it rolls the process back (in the freeze): the process dies with it
+    (never goes on half rolled back)."""
+    args = (2, 4000, 10, 256, -1, 0, 0, 10)
+    for attempt in range(3):
+        p, reader = procs.start("compute", *args, stdout=subprocess.PIPE)
+        _read_until(reader, 10)
+        img = tmp_path / ("img%d" % attempt)
+        dump(p.pid, img, "--leave-running")
+        os.kill(p.pid, signal.SIGUSR2)          # every page written since: a long freeze
+        _read_until(reader, 20)
+        ck = procs.popen_ckpt("restore", str(img), "--into", str(p.pid), "--verify")
+        deadline = time.monotonic() + WAIT
+        while ck.poll() is None and not _frozen(p.pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        ck.kill()
+        ck.communicate(timeout=WAIT)
+        if ck.returncode == -signal.SIGKILL:
+            assert p.wait(timeout=WAIT) == -signal.SIGKILL, "the process outlived ckpt killed in its freeze"
+            return
+        os.killpg(p.pid, signal.SIGKILL)        # finished first: try again
+        p.wait(timeout=WAIT)
+    pytest.fail("the rollback always finished before ckpt could be killed in its freeze")
+
+
+def _frozen(pid):
+    """Every thread of the process in a ptrace stop (the freeze)."""
+    states = []
+    for t in os.listdir("/proc/%d/task" % pid):
+        with open("/proc/%d/task/%s/stat" % (pid, t)) as f:
+            states.append(f.read().rsplit(")", 1)[1].split()[0])
+    return states and all(s == "t" for s in states)

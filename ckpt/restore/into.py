@@ -56,7 +56,7 @@ O_CLOEXEC, O_NONBLOCK = 0o2000000, 0o4000
 MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
 MADV_DONTNEED = 4
 PTRACE_SETOPTIONS = 0x4200
-PTRACE_O_TRACECLONE, PTRACE_O_SUSPEND_SECCOMP = 8, 1 << 21
+PTRACE_O_TRACECLONE, PTRACE_O_EXITKILL, PTRACE_O_SUSPEND_SECCOMP = 8, 1 << 20, 1 << 21
 SYS_exit = 60
 WALL = 0x40000000
 
@@ -138,8 +138,12 @@ class Rollback:
                     raise TargetGone("process %d exited during the rollback" % self.pid) from None
                 raise CkptError("rollback of process %d failed: %s" % (self.pid, e)) from e
             raise
-        # from here on the process is changed: rolled back whole, or killed
+        # from here on the process is changed: rolled back whole, or killed. Should ckpt itself
+        # die meanwhile (SIGKILL), the kernel kills the process with it (PTRACE_O_EXITKILL; the
+        # detach at the release drops it)
         try:
+            for t in self.freezer.threads.values():
+                _call(PTRACE_SETOPTIONS, t.tid, 0, self._options())
             res = self._frozen()
         except BaseException as e:
             self._kill()
@@ -147,6 +151,13 @@ class Rollback:
             raise RestoreError("rollback of process %d failed after its freeze began: %s; the process was killed "
                                "(never left half rolled back)" % (self.pid, why)) from e
         return res
+
+    @staticmethod
+    def _options():
+        """ptrace options of the threads held in the freeze: killed if ckpt dies; seccomp
+        suspended where ckpt may (see Tracee._held)."""
+        from ckpt.kernel.ptrace import _suspend_seccomp
+        return PTRACE_O_EXITKILL | (PTRACE_O_SUSPEND_SECCOMP if _suspend_seccomp[0] else 0)
 
     def _exited(self):
         try:
@@ -625,7 +636,7 @@ class Rollback:
         have = set(r.threads)
         missing = [t for t in self.plan.threads if t["tid"] not in have]
         if missing:
-            _call(PTRACE_SETOPTIONS, pid, 0, PTRACE_O_TRACECLONE | PTRACE_O_SUSPEND_SECCOMP)
+            _call(PTRACE_SETOPTIONS, pid, 0, self._options() | PTRACE_O_TRACECLONE)
         for t in missing:
             threads.create_thread(r, t["tid"])
             self.made.append(t["tid"])
