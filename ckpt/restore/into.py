@@ -339,59 +339,82 @@ class Rollback:
         actual, expected = self.buffers
         from ckpt.kernel.memio import MemIO
         mem = MemIO(self.pid)
+        batch, size, cur = [], 0, None
         try:
             for a0, n0 in sorted(runs):
                 if not self.freezer:
                     self._check()       # live: ckpt's own signals acted on between runs
                 e0 = a0 + n0
-                # a run may cross the mappings' ends (a scan's runs do): compared piece by piece
+                # a run may cross the mappings' ends (a scan's runs do): compared piece by piece,
+                # the pieces of one mapping read and compared in batches of up to CHUNK bytes
                 i = max(0, bisect.bisect_right(starts, a0) - 1)
                 while i < len(vmas) and vmas[i].start < e0:
                     v = vmas[i]
                     i += 1
                     lo, hi = max(a0, v.start), min(e0, v.end)
                     for a in range(lo, hi, CHUNK):
-                        self._compare_range(mem, exp, v, a, min(hi, a + CHUNK), actual, expected, into, count)
+                        b = min(hi, a + CHUNK)
+                        if batch and (v is not cur or size + (b - a) > CHUNK):
+                            self._compare_batch(mem, exp, cur, batch, into, count)
+                            batch, size = [], 0
+                        batch.append((a, b))
+                        size += b - a
+                        cur = v
+            if batch:
+                self._compare_batch(mem, exp, cur, batch, into, count)
         finally:
             mem.close()
 
-    def _compare_range(self, mem, exp, vma, a, b, actual, expected, into, count):
-        n = b - a
-        fd = self._source_fd(vma)
-        if mem.read_runs([(a, n)], actual, unpinned=True)[0]:
-            if n > PAGE_SIZE:       # part of it cannot be read (past the end of a file): page by page
-                for p in range(a, b, PAGE_SIZE):
-                    self._compare_range(mem, exp, vma, p, p + PAGE_SIZE, actual, expected, into, count)
-            return
-        exp.fill(vma, a, b, expected, fd)
-        held = copymod.merge_ranges(exp.image_runs(a, b))
+    def _compare_batch(self, mem, exp, vma, batch, into, count):
+        """Pieces [(start, end)] of one mapping, at most CHUNK bytes in all: read in one call,
+        each compared with what the image says is there."""
+        actual, expected = self.buffers
         av, ev = memoryview(actual), memoryview(expected)
-        npages = n // PAGE_SIZE
-        k = 0
-        while k < npages:
-            d = first_diff_page(av[k * PAGE_SIZE:n], ev[k * PAGE_SIZE:n], npages - k)
-            if d < 0:
-                break
-            p = a + (k + d) * PAGE_SIZE
-            if _in(held, p):
-                into[0][p] = bytes(ev[(k + d) * PAGE_SIZE:(k + d + 1) * PAGE_SIZE])
-            else:
-                into[1].add(p)
-            k += d + 1
-        if count:
-            self.compared += npages
+        fd = self._source_fd(vma)
+        status = mem.read_runs([(a, b - a) for a, b in batch], actual, unpinned=True)
+        off = 0
+        for (a, b), err in zip(batch, status):
+            n = b - a
+            if err:
+                if n > PAGE_SIZE:   # part of it cannot be read (past the end of a file): page by page
+                    for p in range(a, b, PAGE_SIZE):
+                        self._compare_batch(mem, exp, vma, [(p, p + PAGE_SIZE)], into, count)
+                off += n
+                continue
+            exp.fill(vma, a, b, ev[off:off + n], fd)
+            held = copymod.merge_ranges(exp.image_runs(a, b))
+            npages = n // PAGE_SIZE
+            k = 0
+            while k < npages:
+                d = first_diff_page(av[off + k * PAGE_SIZE:off + n], ev[off + k * PAGE_SIZE:off + n], npages - k)
+                if d < 0:
+                    break
+                p = a + (k + d) * PAGE_SIZE
+                if _in(held, p):
+                    q = off + (k + d) * PAGE_SIZE
+                    into[0][p] = bytes(ev[q:q + PAGE_SIZE])
+                else:
+                    into[1].add(p)
+                k += d + 1
+            if count:
+                self.compared += npages
+            off += n
 
     def _source_fd(self, vma):
         """ckpt's fd of the file a private file mapping shows where it has no page of its own:
         the one the plan opened as the process."""
         if vma.kind != "file-private":
             return None
+        cache = self.__dict__.setdefault("_sources", {})
+        if vma.start in cache:
+            return cache[vma.start]
         pp = self.plan.members[0]
         m = next((m for m in pp.maps if m["start"] <= vma.start < m["end"]), None)
         key = pp.map_keys.get(m["start"]) if m else None
         fd = pp.paths.held.get(key or ("map", vma.path, 0))
         if fd is None and m is not None:
             fd = pp.paths.held.get(("map", m["path"], _map_mode(m, None)))
+        cache[vma.start] = fd
         return fd
 
     # ------------------------------------------------------------------ the freeze
