@@ -754,9 +754,12 @@ class Dump:
             leader = m.freezer.leader
             # one batch: every thread's own calls, the main thread the process's too
             pcalls, pctx = process_calls(m.pid)
-            thread_state, pres = dump_threads(tracees, injector, extra=(leader, pcalls))
-            process_state = process_record(m.pid, leader, pctx, pres)
-            parts.dump(parts.Capture(m.pid, m.freezer.leader, tracees, injector, process_state, thread_state))
+            more = parts.calls(m.pid)
+            thread_state, pres = dump_threads(tracees, injector,
+                                              extra=(leader, pcalls + [c for _, cs in more for c in cs]))
+            process_state = process_record(m.pid, leader, pctx, pres[:len(pcalls)])
+            parts.dump(parts.Capture(m.pid, m.freezer.leader, tracees, injector, process_state, thread_state,
+                                     batched=parts.split(more, pres[len(pcalls):])))
         finally:
             injector.close()
         process_state["exe_file"] = exe_identity(m.pid)

@@ -3,7 +3,7 @@ sync-core, private expedited rseq, global expedited. A process that registered g
 the matching barrier command if it is restored without them.
 
 Dump half: membarrier(MEMBARRIER_CMD_GET_REGISTRATIONS) injected into the stopped process
-(Linux 6.3) returns the REGISTER_* commands it issued. On an older kernel the private kinds are
+(Linux 6.3; it rides in the main thread's batch, see parts.calls) returns the REGISTER_* commands it issued. On an older kernel the private kinds are
 probed: their barrier command returns EPERM when not registered and, registered, only interrupts
 the process's running threads -- none runs in the freeze; a global expedited registration cannot
 be seen there and is not kept.
@@ -30,8 +30,15 @@ REGISTRATIONS = {
 }
 
 
+def calls(pid):
+    return [(SYS_membarrier, (CMD_GET_REGISTRATIONS, 0, 0))]
+
+
 def dump(ctx):
-    (mask, _), = ctx.injector.run(ctx.leader, [(SYS_membarrier, (CMD_GET_REGISTRATIONS, 0, 0))])
+    got = ctx.batched.get(__name__)
+    if got is None:
+        got = ctx.injector.run(ctx.leader, calls(ctx.pid))
+    (mask, _), = got
     if mask == -EINVAL:         # before Linux 6.3: probe the private kinds
         probes = [reg for reg, (_, cmd) in REGISTRATIONS.items() if cmd != CMD_GLOBAL_EXPEDITED]
         res = ctx.injector.run(ctx.leader, [(SYS_membarrier, (REGISTRATIONS[reg][1], 0, 0)) for reg in probes])

@@ -5,10 +5,13 @@ A part is a class (or module) with any of:
 
   refuse(pid)                    before the dump touches the target: None, or why this process
                                  cannot be dumped (a one-line reason naming what it is)
+  calls(pid)                     in the freeze, first: syscalls to inject in the main thread, in the
+                                 one batch that reads the process record (one round trip for all);
+                                 their results reach dump as ctx.batched[the part's __name__]
   dump(ctx)                      in the freeze; ctx: .pid, .leader (a stopped Tracee to inject
                                  into), .tracees (every thread, stopped), .injector (Injector.run /
                                  run_all), .record (the process record: add your keys there),
-                                 .threads (the thread records, in .tracees order)
+                                 .threads (the thread records, in .tracees order), .batched
   restore(remote, proc, threads, stage)
                                  at restore, in the restored process (remote: ckpt.restore.remote
                                  .Remote, every thread created and held); stage is one of
@@ -32,9 +35,24 @@ PARTS = [vmflags, deleted,
 class Capture:
     """What a part's dump half gets (see the module docstring)."""
 
-    def __init__(self, pid, leader, tracees, injector, record, threads):
+    def __init__(self, pid, leader, tracees, injector, record, threads, batched=None):
         self.pid, self.leader, self.tracees, self.injector = pid, leader, tracees, injector
         self.record, self.threads = record, threads
+        self.batched = batched or {}     # part's module name -> the results of its calls(pid)
+
+
+def calls(pid):
+    """[(part, its calls)] of the parts that have calls to ride in the main thread's batch."""
+    return [(p, p.calls(pid)) for p in PARTS if hasattr(p, "calls")]
+
+
+def split(batched, results):
+    """The results of a batch made of calls(pid)'s lists, back to each part: {its name: results}."""
+    out, i = {}, 0
+    for p, c in batched:
+        out[p.__name__] = results[i:i + len(c)]
+        i += len(c)
+    return out
 
 
 def refuse(pid):
