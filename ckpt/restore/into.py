@@ -209,6 +209,11 @@ class Rollback:
         if not feats["async"]:
             raise RestoreError("rollback (--into) needs userfaultfd WP_ASYNC and PAGEMAP_SCAN (Linux 6.7+)")
         process.refuse_namespaces(pid)
+        want = {m["path"]: (m["start"], m["end"]) for m in plan.maps if m["kind"] == "special"}
+        have = {v.path: (v.start, v.end) for v in procfs.read_maps(pid) if v.special}
+        if want != have:
+            raise RestoreError("process %d: its vdso/vvar (%s) are not where the image has them (%s): not the "
+                               "process the image was made of" % (pid, _specials(have), _specials(want)))
         tasks = procfs.tasks(pid)
         for t in plan.threads:
             if t["tid"] not in tasks and procfs.exists(t["tid"]):
@@ -366,39 +371,73 @@ class Rollback:
             mem.close()
 
     def _compare_batch(self, mem, exp, vma, batch, into, count):
-        """Pieces [(start, end)] of one mapping, at most CHUNK bytes in all: read in one call,
-        each compared with what the image says is there."""
+        """Pieces [(start, end)] of one mapping, at most CHUNK bytes in all: read in one call
+        and compared with what the image says is there in one sweep."""
         actual, expected = self.buffers
         av, ev = memoryview(actual), memoryview(expected)
-        fd = self._source_fd(vma)
         status = mem.read_runs([(a, b - a) for a, b in batch], actual, unpinned=True)
-        off = 0
-        for (a, b), err in zip(batch, status):
-            n = b - a
-            if err:
-                if n > PAGE_SIZE:   # part of it cannot be read (past the end of a file): page by page
+        if any(status):
+            # some cannot be read (past the end of a file): one by one, page by page
+            for (a, b), err in zip(batch, status):
+                if not err:
+                    self._compare_batch(mem, exp, vma, [(a, b)], into, count)
+                elif b - a > PAGE_SIZE:
                     for p in range(a, b, PAGE_SIZE):
                         self._compare_batch(mem, exp, vma, [(p, p + PAGE_SIZE)], into, count)
-                off += n
-                continue
-            exp.fill(vma, a, b, ev[off:off + n], fd)
-            held = copymod.merge_ranges(exp.image_runs(a, b))
-            npages = n // PAGE_SIZE
-            k = 0
-            while k < npages:
-                d = first_diff_page(av[off + k * PAGE_SIZE:off + n], ev[off + k * PAGE_SIZE:off + n], npages - k)
-                if d < 0:
-                    break
-                p = a + (k + d) * PAGE_SIZE
-                if _in(held, p):
-                    q = off + (k + d) * PAGE_SIZE
-                    into[0][p] = bytes(ev[q:q + PAGE_SIZE])
+            return
+        offs, held = self._fill(exp, vma, batch, ev)
+        total = offs[-1] + batch[-1][1] - batch[-1][0]
+        npages = total // PAGE_SIZE
+        k = 0
+        while k < npages:
+            d = first_diff_page(av[k * PAGE_SIZE:total], ev[k * PAGE_SIZE:total], npages - k)
+            if d < 0:
+                break
+            q = (k + d) * PAGE_SIZE
+            r = bisect.bisect_right(offs, q) - 1
+            p = batch[r][0] + (q - offs[r])
+            if _in(held, p):
+                into[0][p] = bytes(ev[q:q + PAGE_SIZE])
+            else:
+                into[1].add(p)
+            k += d + 1
+        if count:
+            self.compared += npages
+
+    def _fill(self, exp, vma, batch, out):
+        """What the image says lies at each piece of the batch (sorted, in one mapping), back to
+        back in out: the mapping's source (zero, or its file), with the image's pages over it,
+        found in one walk along the image's extents. Returns (each piece's offset in out, the
+        merged ranges the image holds pages for)."""
+        fd = self._source_fd(vma)
+        reader, ext = exp.reader, exp.extents
+        offs, held, off = [], [], 0
+        i = max(0, bisect.bisect_right(exp.starts, batch[0][0]) - 1)
+        for a, b in batch:
+            n = b - a
+            offs.append(off)
+            if fd is not None:
+                data = os.pread(fd, n, vma.offset + (a - vma.start))
+                out[off:off + len(data)] = data
+                if len(data) < n:
+                    out[off + len(data):off + n] = ZERO[:n - len(data)]
+            else:
+                out[off:off + n] = ZERO[:n]
+            while i < len(ext) and ext[i][1] <= a:
+                i += 1
+            j = i
+            while j < len(ext) and ext[j][0] < b:
+                x = ext[j]
+                j += 1
+                lo, hi = max(x[0], a), min(x[1], b)
+                data = reader.extent_bytes(x, lo, hi, check=False)
+                out[off + lo - a:off + hi - a] = ZERO[:hi - lo] if data is None else data
+                if held and held[-1][1] == lo:
+                    held[-1][1] = hi
                 else:
-                    into[1].add(p)
-                k += d + 1
-            if count:
-                self.compared += npages
+                    held.append([lo, hi])
             off += n
+        return offs, _Merged(held)
 
     def _source_fd(self, vma):
         """ckpt's fd of the file a private file mapping shows where it has no page of its own:
@@ -790,6 +829,10 @@ def _coverage(tracker):
     return covers
 
 
+def _specials(d):
+    return ", ".join("%s %#x" % (k, v[0]) for k, v in sorted(d.items()))
+
+
 def _same_mapping(m, v):
     """Whether image mapping m and the process's mapping v map the same thing the same way
     where they meet: protection, kind, device and inode, name, and (files) offset."""
@@ -818,6 +861,9 @@ class _Merged(list):
 
 def _merged(ranges):
     return _Merged(copymod.merge_ranges(ranges))
+
+
+ZERO = bytes(CHUNK)
 
 
 def _in(merged, p):
