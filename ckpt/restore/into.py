@@ -82,9 +82,9 @@ class Rollback:
         self.tracking = False       # its written bits count from this image's freeze
         self.freezer = None
         self.stops = []
-        self.write = {}             # page address -> the image's content, staged to be written there
+        self.write = _Stage()       # the pages staged live: the image's content, to be written there
         self.drop = set()           # page addresses staged: dropped (the image holds no page there)
-        self.stage = None           # the pages staged live: (runs, runs_array(runs), their content)
+        self.stage = None           # the pages staged live: [(runs, runs_array(runs), their content)]
         self.more = {}              # pages staged in the freeze
         self.buffers = None         # (actual, expected) page buffers of the comparisons
         self.compared = 0
@@ -309,9 +309,10 @@ class Rollback:
         self._compare(tracked, runs)
         # the staged pages laid out for one write now, while the process runs: the buffer's
         # memory is touched here (a fresh page costs microseconds to touch, not in the freeze)
-        pages = sorted(self.write)
-        runs = _page_runs(pages, ordered=True)
-        self.stage = (runs, runs_array(runs), b"".join([self.write[p] for p in pages]))
+        self.stage = []
+        for pages, data in self.write.parts():
+            runs = _page_runs(pages, ordered=True)
+            self.stage.append((runs, runs_array(runs), data))
 
     def _candidates(self, vmas):
         """Pages that may differ from the image: those the process holds (present or swapped)
@@ -397,7 +398,7 @@ class Rollback:
             r = bisect.bisect_right(offs, q) - 1
             p = batch[r][0] + (q - offs[r])
             if _in(held, p):
-                into[0][p] = bytes(ev[q:q + PAGE_SIZE])
+                into[0].add(p, ev[q:q + PAGE_SIZE])
             else:
                 into[1].add(p)
             k += d + 1
@@ -480,16 +481,15 @@ class Rollback:
             tracked = [v for v in kept if v.kind in ("anon", "file-private")]
         # pages written since they were compared: compared again. A staged page stays staged
         # (its content is the image's whatever the process wrote since), so this only adds
-        more, drop = {}, set()
+        more, drop = _Pages(), set()
         self._compare(tracked, runs, into=(more, drop))
         self.drop |= drop
-        self.more = {p: v for p, v in more.items() if p not in self.write}
-        self.write.update(self.more)
+        self.more = _Pages((p, v) for p, v in more.items() if p not in self.write)
         # staged pages of mappings that are no longer kept: those are mapped again whole
         kr = _merged([(v.start, v.end) for v in tracked])
         if not all(_covered(s_, e_, kr) for s_, e_ in self.live_tracked):
-            self.write = {p: v for p, v in self.write.items() if _in(kr, p)}
-            self.stage, self.more = None, self.write
+            self.more = _Pages((p, v) for p, v in list(self.write.items()) + list(self.more.items()) if _in(kr, p))
+            self.stage = None
             self.drop = {p for p in self.drop if _in(kr, p)}
         mark("final_compare")
 
@@ -547,7 +547,7 @@ class Rollback:
         self._release()
         freeze_ms = (self.freezer.t_release - self.freezer.t_first_interrupt) * 1000
         return {"pid": pid, "image": os.path.abspath(self.path), "tracking": self.tracking,
-                "pages_compared": self.compared, "pages_identical": max(0, self.compared - len(self.write) - len(self.drop)),
+                "pages_compared": self.compared, "pages_identical": max(0, self.compared - len(self.write) - len(self.more) - len(self.drop)),
                 "pages_written": written + b.pages_written, "pages_dropped": len(self.drop),
                 "mappings_unmapped": len(gone), "mappings_mapped": len(again),
                 "pages_mapped_written": b.pages_written,
@@ -601,13 +601,13 @@ class Rollback:
         if self.stage:
             self._write_prepared(r)
         self._write_pages(r, self.more, refused, self._kept_now())
-        return len(self.write) + len(refused)
+        return (len(self.write) if self.stage else 0) + len(self.more) + len(refused)
 
     def _write_prepared(self, r):
         """The pages staged live, as prepared (see _compare_live). (Two threads writing halves
         at once were no faster here: the kernel's work per page does not spread.)"""
-        runs, arr, data = self.stage
-        _check_written(runs, r.mem.write_runs(runs, data, prepared=arr))
+        for runs, arr, data in self.stage:
+            _check_written(runs, r.mem.write_runs(runs, data, prepared=arr))
 
     def _settle(self, r):
         """Last, with no syscall injected after it: the threads' rseq areas compared again and
@@ -622,7 +622,7 @@ class Rollback:
             if rs and rs.get("ptr"):
                 first = rs["ptr"] & ~(PAGE_SIZE - 1)
                 pages.update(range(first, rs["ptr"] + max(rs.get("size", 32), 32), PAGE_SIZE))
-        write, drop = {}, set()
+        write, drop = _Pages(), set()
         self._compare(tracked, _page_runs(pages), into=(write, drop), count=False)
         self._write_pages(r, write, drop, tracked)
         return len(write) + len(drop)
@@ -864,6 +864,59 @@ def _merged(ranges):
 
 
 ZERO = bytes(CHUNK)
+
+
+class _Pages(dict):
+    """Staged pages: address -> the image's content."""
+
+    def add(self, p, view):
+        self[p] = bytes(view)
+
+
+class _Stage:
+    """The pages staged while the process runs, their content copied as they are found (in
+    increasing address order, as the comparison goes) into buffers of CHUNK bytes that the
+    freeze writes as they are: no copy of them made then, no buffer grown (a grown buffer is
+    copied, and fresh memory costs microseconds a page to touch)."""
+
+    def __init__(self):
+        self.chunks = []        # [(buffer, [addresses])]
+        self.at = {}            # address -> (chunk index, offset)
+        self.ordered = True
+        self.last = -1
+
+    def add(self, p, view):
+        at = self.at.get(p)
+        if at is not None:
+            buf = self.chunks[at[0]][0]
+            buf[at[1]:at[1] + PAGE_SIZE] = view
+            return
+        if not self.chunks or len(self.chunks[-1][1]) * PAGE_SIZE >= CHUNK:
+            self.chunks.append((bytearray(CHUNK), []))
+        buf, pages = self.chunks[-1]
+        o = len(pages) * PAGE_SIZE
+        buf[o:o + PAGE_SIZE] = view
+        pages.append(p)
+        self.at[p] = (len(self.chunks) - 1, o)
+        if p < self.last:
+            self.ordered = False
+        self.last = p
+
+    def __contains__(self, p):
+        return p in self.at
+
+    def __len__(self):
+        return len(self.at)
+
+    def items(self):
+        return [(p, bytes(self.chunks[c][0][o:o + PAGE_SIZE])) for p, (c, o) in self.at.items()]
+
+    def parts(self):
+        """[(addresses in increasing order, their content back to back)], one a buffer."""
+        if self.ordered:
+            return [(pages, memoryview(buf)[:len(pages) * PAGE_SIZE]) for buf, pages in self.chunks if pages]
+        pages = sorted(self.at)
+        return [(pages, b"".join([bytes(self.chunks[c][0][o:o + PAGE_SIZE]) for c, o in map(self.at.get, pages)]))]
 
 
 def _in(merged, p):
