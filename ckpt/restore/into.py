@@ -50,7 +50,7 @@ from ckpt.kernel.ptrace import _call, find_syscall_insn, sigchld_blocked
 from ckpt.kernel.uffd import USER_MODE_ONLY
 from ckpt.restore.build import Builder, Plan, _free_gap, _map_mode, _outside
 from ckpt.restore.remote import SCRATCH_SIZE, Remote
-from ckpt.state import parts, process, seccomp, threads, timers, vmflags
+from ckpt.state import blob, parts, process, seccomp, threads, timers, vmflags
 
 O_CLOEXEC, O_NONBLOCK = 0o2000000, 0o4000
 MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
@@ -501,9 +501,15 @@ class Rollback:
         # a scratch area where neither the process's mappings nor the image's lie
         busy = [(v.start, v.end) for v in maps] + [(m["start"], m["end"]) for m in self.plan.maps]
         scratch = _free_gap(busy, SCRATCH_SIZE)
-        got = r.call(sysno.mmap, scratch, SCRATCH_SIZE, 3, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0,
-                     what="mmap of the scratch area")
+        # (its end holds a blob: the long batches, such as every signal's handler, run as one
+        # piece of code instead of one single-step round trip a call, ckpt/state/blob.py)
+        use_blob = blob.usable(pid)
+        got = r.call(sysno.mmap, scratch, SCRATCH_SIZE, 7 if use_blob else 3,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0, what="mmap of the scratch area")
         r.set_scratch(got)
+        if use_blob:
+            r.room = SCRATCH_SIZE - blob.SIZE
+            r.blob = blob.Blob(pid, got + r.room, r.mem)
         mark("threads_ended")
         # the layout: what is not exactly the image's goes, the image's comes back, filled
         unmaps = _merge(gone)
@@ -554,6 +560,7 @@ class Rollback:
                 "threads": [t["tid"] for t in self.plan.threads], "threads_ended": self.ended,
                 "threads_made": self.made, "fds_kept": self.fds[0], "fds_made": self.fds[1],
                 "fds_closed": self.fds[2], "freeze_ms": round(freeze_ms, 3), "freeze_breakdown_ms": marks,
+                "process_state_ms": self.process_laps,
                 "stops": self.stops + [{"what": "freeze", "ms": round(freeze_ms, 3)}],
                 "pages_settled": self.settled, "pages_written_meanwhile": self.final_pages, "pages_verified": verified, "verified": verified is not None,
                 "elapsed_s": round(time.perf_counter() - self.t0, 4)}
@@ -656,14 +663,26 @@ class Rollback:
         r = self.remote
         p = self.plan.proc
         paths = self.plan.paths
+        laps = self.process_laps = {}
+        t = [time.perf_counter()]
+
+        def lap(name):
+            now = time.perf_counter()
+            laps[name] = round((now - t[0]) * 1000, 3)
+            t[0] = now
         process.restore_mm(r, p, -1)
-        cwd = r.take(paths.get("cwd"), what="the working directory %s" % p["cwd"])
-        r.call(sysno.fchdir, cwd, what="fchdir to %s" % p["cwd"])
-        r.many([(sysno.close, (fd,)) for fd in opened + [cwd]], what="close")
+        if _dir_is(self.pid, "cwd", p.get("cwd_file")):
+            cwd = []            # the same directory still: nothing to do
+        else:
+            cwd = [r.take(paths.get("cwd"), what="the working directory %s" % p["cwd"])]
+            r.call(sysno.fchdir, cwd[0], what="fchdir to %s" % p["cwd"])
+        r.many([(sysno.close, (fd,)) for fd in opened + cwd], what="close")
         if r.ckpt_pidfd is not None:
             r.call(sysno.close, r.ckpt_pidfd, ok_errors=(errno.EBADF,))
             r.ckpt_pidfd = None
+        lap("mm_cwd")
         process.restore_process(r, p)
+        lap("handlers")
         # POSIX timers made again with their IDs (ckpt/state/timers.py): those the process
         # holds now go first
         ids = [t["id"] for t in timers.read(self.pid)]
@@ -676,6 +695,7 @@ class Rollback:
                 pass
         # a TCP connection of the image the process no longer holds was closed since: its peer
         # has gone on without it, so it is made again closed (the peer sees a reset)
+        lap("timers")
         opts = dataclasses.replace(self.opts, tcp_close=True)
         self.fds = files.rollback_fds(r, self.plan.fds, live, opts, paths,
                                       TreeObjects(several=False, tables={self.pid: self.plan.fds}))
@@ -686,7 +706,9 @@ class Rollback:
         if r.ckpt_pidfd is not None:
             r.call(sysno.close, r.ckpt_pidfd, ok_errors=(errno.EBADF,))
             r.ckpt_pidfd = None
+        lap("fds")
         process.restore_rlimits(self.pid, p, self.opts.warn)
+        lap("rlimits")
 
     def _threads(self):
         """Threads gone made again with their TIDs; pending signals of now dropped and the
@@ -725,6 +747,7 @@ class Rollback:
             calls.append((sysno.rt_sigqueueinfo, (pid, struct.unpack_from("<i", info)[0], r.put(info))))
         r.many(calls, what="queueing a process-wide pending signal")
         _run_parts(r, self.plan.proc, self.plan.threads, "last")
+        r.blob = None
         r.call(sysno.munmap, r.scratch, SCRATCH_SIZE, what="munmap of the scratch area")
         r.scratch = None
         for t in self.plan.threads:
@@ -827,6 +850,15 @@ def _coverage(tracker):
         i = bisect.bisect_right(starts, v.start) - 1
         return i >= 0 and merged[i][1] >= v.end
     return covers
+
+
+def _dir_is(pid, name, ident):
+    """Whether the process's cwd (or root) is the directory the image records (dev, inode)."""
+    try:
+        st = os.stat(procfs.proc(pid, name))
+    except OSError:
+        return False
+    return isinstance(ident, dict) and (st.st_dev, st.st_ino) == (ident.get("dev"), ident.get("inode"))
 
 
 def _specials(d):

@@ -7,6 +7,8 @@ from ckpt.kernel.memio import MemIO
 from ckpt.kernel.ptrace import Tracee
 
 SCRATCH_SIZE = 1 << 20
+BLOB_MIN_CALLS = 10         # from this many calls a batch runs as a blob (when one is set up)
+SYS_rt_sigaction, SIGTRAP = 13, 5
 
 
 class Remote:
@@ -21,6 +23,8 @@ class Remote:
         self.mem = MemIO(pid, write=True)
         self.calls = 0
         self.ckpt_pidfd = None      # the restored process's pidfd of ckpt, for take()
+        self.room = SCRATCH_SIZE    # bytes of the scratch area put() may use
+        self.blob = None            # a state/blob.Blob at the scratch area's end: long batches run in one go
 
     def close(self):
         self.mem.close()
@@ -33,13 +37,25 @@ class Remote:
 
     def many(self, calls, tid=None, what=None, ok_errors=()):
         t = self.threads[tid or self.pid]
-        results = t.inject_many(self.insn, calls)
+        if self.blob is not None and len(calls) >= BLOB_MIN_CALLS:
+            results = self._many_blob(t, calls)
+        else:
+            results = t.inject_many(self.insn, calls)
         self.calls += len(calls)
         for (nr, args), r in zip(calls, results):
             if r < 0 and -r not in ok_errors:
                 label = what if isinstance(what, str) else (what(nr, args) if what else "syscall %d" % nr)
                 raise RestoreError("%s failed in the restored process: %s" % (label, os.strerror(-r)))
         return results
+
+    def _many_blob(self, t, calls):
+        """A long batch run as one piece of code (ckpt/state/blob.py), but for the calls that
+        change SIGTRAP's disposition (the blob ends on int3): those after, one by one."""
+        trap = [i for i, (nr, a) in enumerate(calls) if nr == SYS_rt_sigaction and a and a[0] == SIGTRAP]
+        rest = [c for i, c in enumerate(calls) if i not in trap]
+        got = iter(self.blob.run_all([(t, rest)])[0])
+        late = iter(t.inject_many(self.insn, [calls[i] for i in trap]) if trap else [])
+        return [next(late) if i in trap else next(got) for i in range(len(calls))]
 
     def take(self, local_fd, what="an fd"):
         """The restored process takes ckpt's open file local_fd (pidfd_getfd): the very object
@@ -65,7 +81,7 @@ class Remote:
     def put(self, data):
         """Copy bytes into the scratch area; return their address in the process."""
         size = (len(data) + 15) & ~15
-        if self._next + size > SCRATCH_SIZE:
+        if self._next + size > self.room:
             raise RestoreError("scratch area exhausted (%d bytes wanted)" % len(data))
         addr = self.scratch + self._next
         self._next += size
