@@ -11,7 +11,7 @@ Step s (all computed from s and the state before it, never from time):
   - s % 10 == 4: opens this script again (an fd kept), closes the oldest when more than 2;
     every step reads 64 bytes from each kept fd at an offset from the digest (pread: the
     files must be the same ones);
-  - s % 10 == 6: changes its working directory (/ or /tmp), which every step mixes in;
+  - s % 10 == 6: changes its working directory (/, /tmp, /usr in turn), which every step mixes in;
   - s % 10 == 7: starts a helper thread (it waits for an event); s % 10 == 3: the helper
     started last is given work (a sha256 chain of the digest), joined, its result mixed in.
 Every EVERY steps prints "iter S hash H"; after STEPS steps "done H". The main thread starts step
@@ -72,7 +72,7 @@ def main():
         for fd in fds:
             total.update(os.pread(fd, 64, d[0] * 7 % max(1, size - 64)))
         if s % 10 == 6:
-            os.chdir("/tmp" if (s // 10) % 2 else "/")
+            os.chdir(("/", "/tmp", "/usr")[(s // 10) % 3])
         total.update(os.getcwd().encode())
         if s % 10 == 7:
             ev = threading.Event()
