@@ -108,7 +108,9 @@ class Plan:
                 parts.check(pp.proc, pp.threads)
                 pp.paths = PathOpener(pp.proc["creds"], check_content=not self.opts.allow_file_change)
                 self._open_files(pp)
-                files.precheck(_not_held(pp.pid, pp.fds) if rollback else pp.fds, pp.paths, self.opts)
+                checked = _not_held(pp.pid, pp.fds) if rollback else pp.fds
+                pp.prechecked = {e["fd"] for e in checked}
+                files.precheck(checked, pp.paths, self.opts)
             self.paths = root.paths
             if not rollback:
                 self._check_pids()

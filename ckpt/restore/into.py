@@ -131,6 +131,7 @@ class Rollback:
                 self.freezer.t_first_interrupt = time.perf_counter()
                 self.freezer.interrupt_all()
                 self.freezer.await_all()
+            self._fds_at_freeze()
         except BaseException as e:
             self._abandon()
             if isinstance(e, OSError) and not isinstance(e, CkptError):
@@ -151,6 +152,23 @@ class Rollback:
             raise RestoreError("rollback of process %d failed after its freeze began: %s; the process was killed "
                                "(never left half rolled back)" % (self.pid, why)) from e
         return res
+
+    def _fds_at_freeze(self):
+        """The process's fds as the freeze found them. Those of the image it holds no more (closed
+        since the plan) will be made again: checked now as the plan checks them, before anything
+        changes (a failure here leaves the process as it was)."""
+        live = {}
+        for fd in procfs.fds(self.pid):
+            try:
+                live[fd] = os.stat(procfs.proc(self.pid, "fd", str(fd)))
+            except OSError:
+                pass
+        self.live_fds = live
+        pp = self.plan.members[0]
+        late = [e for e in self.plan.fds if e["fd"] not in pp.prechecked
+                and not (e["fd"] in live and files.same_object(e, live[e["fd"]]))]
+        if late:
+            files.precheck(late, pp.paths, self.opts)
 
     @staticmethod
     def _options():
@@ -687,12 +705,7 @@ class Rollback:
         # holds now go first
         ids = [t["id"] for t in timers.read(self.pid)]
         r.many([(sysno.timer_delete, (i,)) for i in ids], what="deleting a timer made since", ok_errors=(errno.EINVAL,))
-        live = {}
-        for fd in procfs.fds(self.pid):
-            try:
-                live[fd] = os.stat(procfs.proc(self.pid, "fd", str(fd)))
-            except OSError:
-                pass
+        live = self.live_fds
         # a TCP connection of the image the process no longer holds was closed since: its peer
         # has gone on without it, so it is made again closed (the peer sees a reset)
         lap("timers")
