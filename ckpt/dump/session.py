@@ -569,6 +569,9 @@ class Dump:
             if hasattr(m.tracker, "prepare_final"):
                 m.tracker.prepare_final()
         self._freeze_all()
+        for m in self.members.values():
+            if hasattr(m.tracker, "start_final"):
+                m.tracker.start_final()
         self._progress(event="frozen")
         t_frozen = time.perf_counter()
         marks = [("stop_threads", t_frozen - self.t_first_interrupt)]
@@ -777,6 +780,9 @@ class Dump:
         tracked = [v for v in self._trackable(maps) if cov.covers(v)]
         full = [v for v in maps if v.kind in TRACKABLE and not cov.covers(v)]
         untracked, runs = m.tracker.final(tracked)
+        # each thread's rseq area, which the kernel updates on every return to user space (the
+        # state's injected calls make some): copied again, wherever the scan saw it
+        runs = runs + _rseq_runs(m.records[1], tracked)
         # what could not be protected cleanly in the last round is copied whole too
         untracked += [v for v in tracked if any(s.start < v.end and s.end > v.start for s in m.suspect)]
         if self.opts.keep_tracking and m is self.root:
@@ -878,6 +884,21 @@ class Dump:
             self.writer.abort()
         if errors:
             raise errors[0]
+
+
+def _rseq_runs(thread_records, vmas):
+    """The pages of the threads' rseq areas that lie in these mappings, as (addr, length) runs."""
+    out = []
+    for t in thread_records:
+        rs = t.get("rseq")
+        if not rs or not rs.get("ptr"):
+            continue
+        first = rs["ptr"] & ~(PAGE_SIZE - 1)
+        last = (rs["ptr"] + max(rs.get("size") or 32, 32) - 1) & ~(PAGE_SIZE - 1)
+        for p in range(first, last + PAGE_SIZE, PAGE_SIZE):
+            if any(v.start <= p < v.end for v in vmas):
+                out.append((p, PAGE_SIZE))
+    return out
 
 
 def _joins(pid):

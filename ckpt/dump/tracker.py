@@ -169,10 +169,33 @@ class AsyncTracker(_UffdTracker):
     def written(self, vmas):
         return self._scan(vmas, pagemap.WP_MATCHING)
 
+    def start_final(self):
+        """Begin the last scan as soon as the process is frozen, in the helper thread (see
+        prepare_final), over every registered range, while the main thread reads the frozen
+        process's state (waiting on ptrace most of that time); final() takes its result. The
+        ranges go in pieces of at most EARLY_PIECE bytes, one ioctl each: the scan holds the
+        process's mmap lock for reading while it walks, and the injected calls that need it for
+        writing (the blob's mmap, brk) wait for one piece at most. What the kernel writes into
+        the process while its state is read (each thread's rseq area, on every return to user
+        space) the caller copies again (see Dump._final_scan)."""
+        if self._helper is None:
+            return
+        flags = pagemap.WP_MATCHING if self.rearm_final else 0
+        pieces = []
+        for s, e in sorted(self.registered):
+            for a in range(s, e, EARLY_PIECE):
+                pieces.append(_Span(a, min(e, a + EARLY_PIECE)))
+        self._early = self._helper.submit(lambda pm: self._scan(pieces, flags, pm))
+
     def final(self, vmas):
         """The last scan, frozen (nothing writes again: no re-arming, unless the tracking is
         kept after the dump: rearm_final). A large one is split in two halves scanned at once
-        on two CPUs (the ioctl walks page tables without the GIL)."""
+        on two CPUs (the ioctl walks page tables without the GIL), or was begun early
+        (start_final)."""
+        early, self._early = getattr(self, "_early", None), None
+        if early is not None:
+            bad, runs = early.result()
+            return [v for v in vmas if any(b.start < v.end and v.start < b.end for b in bad)], runs
         flags = pagemap.WP_MATCHING if self.rearm_final else 0
         total = sum(v.size for v in vmas)
         if total < PARALLEL_SCAN_MIN or (os.cpu_count() or 1) < 2:
@@ -206,6 +229,15 @@ class AsyncTracker(_UffdTracker):
 
 
 PARALLEL_SCAN_MIN = 256 << 20      # below it one scan is faster than handing half to a thread
+EARLY_PIECE = 64 << 20             # the early final scan's pieces (one ioctl each)
+
+
+class _Span:
+    """A range scanned apart (start_final), in the place of a mapping."""
+    __slots__ = ("start", "end")
+
+    def __init__(self, start, end):
+        self.start, self.end = start, end
 
 
 def _split(vmas, half):
