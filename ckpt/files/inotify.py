@@ -18,7 +18,6 @@ fd. A process whose descriptors are too far apart for that (more than MAX_SKIP p
 refused at the dump.
 """
 import ctypes
-import re
 import fcntl
 import os
 import struct
@@ -78,16 +77,10 @@ def _mounts_of(dev):
             for line in f:
                 a = line.split(" - ", 1)[0].split()
                 if len(a) >= 5 and a[2] == want:
-                    out.append((a[3] != "/", _unescape(a[4])))
+                    out.append((a[3] != "/", procfs.unescape_mountinfo(a[4])))
     except OSError:
         return []
     return [m for _, m in sorted(out)]
-
-
-def _unescape(field):
-    """A path field of mountinfo, with its \\ooo escapes (space, tab, newline, backslash) undone."""
-    raw = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8) & 0xFF]), os.fsencode(field))
-    return os.fsdecode(raw)
 
 
 def find_path(w):

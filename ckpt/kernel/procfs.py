@@ -472,3 +472,10 @@ def descendants_of_stopped(pid):
                     nxt.append(c)
         queue = nxt
     return out
+
+
+def unescape_mountinfo(field):
+    """A path field of /proc/PID/mountinfo, with its \\ooo escapes (space, tab, newline,
+    backslash) undone, byte for byte."""
+    raw = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8) & 0xFF]), os.fsencode(field))
+    return os.fsdecode(raw)

@@ -365,21 +365,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 
-def _unescape(field):
-    """A path field of mountinfo, with its \ooo escapes (space, tab, newline, backslash) undone."""
-    out, i = bytearray(), 0
-    raw = os.fsencode(field)
-    while i < len(raw):
-        code = raw[i + 1:i + 4]
-        if raw[i] == 0x5C and len(code) == 3 and all(0x30 <= c <= 0x37 for c in code):
-            out.append(int(raw[i + 1:i + 4], 8) & 0xFF)
-            i += 4
-        else:
-            out.append(raw[i])
-            i += 1
-    return os.fsdecode(bytes(out))
-
-
 def cgroup_mounts():
     """The cgroup mounts of ckpt's mount namespace: [(version, super options, root, mountpoint)]."""
     out = []
@@ -389,7 +374,7 @@ def cgroup_mounts():
             a, b = left.split(), right.split()
             if not sep or len(a) < 5 or len(b) < 3 or b[0] not in ("cgroup", "cgroup2"):
                 continue
-            out.append((2 if b[0] == "cgroup2" else 1, set(b[2].split(",")), _unescape(a[3]), _unescape(a[4])))
+            out.append((2 if b[0] == "cgroup2" else 1, set(b[2].split(",")), procfs.unescape_mountinfo(a[3]), procfs.unescape_mountinfo(a[4])))
     return out
 
 
