@@ -360,3 +360,31 @@ def _frozen(pid):
         with open("/proc/%d/task/%s/stat" % (pid, t)) as f:
             states.append(f.read().rsplit(")", 1)[1].split()[0])
     return states and all(s == "t" for s in states)
+
+
+def test_kept_tracking_used_by_one_ckpt_at_a_time(procs, tmp_path):
+    """While another ckpt holds a process's kept tracking (its lock), a rollback or a dump of
+    it is refused, naming that, and the process goes on untouched; once let go, both work."""
+    import fcntl
+    p, reader = procs.start("compute", *COMPUTE, stdout=subprocess.PIPE)
+    _read_until(reader, COMPUTE[-1])
+    img = tmp_path / "img"
+    dump(p.pid, img, "--leave-running", "--keep-tracking")
+    fd = os.open("/run/ckpt/tracking/%d.lock" % p.pid, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for args in (("restore", img, "--into", p.pid), ("dump", p.pid, "-o", tmp_path / "img2", "--leave-running")):
+            rc, _, err = run_ckpt(*args)
+            assert rc != 0 and "another ckpt is using its kept tracking" in one_line_error(err), err
+            assert _tracer(p.pid) == 0
+        assert not (tmp_path / "img2").exists()
+    finally:
+        os.close(fd)
+    os.kill(p.pid, signal.SIGUSR2)
+    after = _read_until(reader, 2 * COMPUTE[-1])
+    res = rollback(p.pid, img, "--verify")
+    assert res["tracking"] is True
+    os.kill(p.pid, signal.SIGUSR2)
+    assert _read_until(reader, 2 * COMPUTE[-1]) == after
+    rc, _, err = run_ckpt("untrack", p.pid)
+    assert rc == 0, err

@@ -18,6 +18,7 @@ PID used again is no confusion), the base image's id, the registered ranges.
 
 API: find(pid) -> Held or None; hold(pid, uffd_fd, base, ranges) -> Held; untrack(pid).
 """
+import fcntl
 import json
 import os
 import secrets
@@ -44,6 +45,7 @@ def bye(*_):
             mine = json.load(f).get("holder") == os.getpid()
         if mine:
             os.unlink(state)
+            os.unlink(state[:-len(".json")] + ".lock")
     except Exception:
         pass
     os._exit(0)
@@ -59,6 +61,37 @@ while not p.poll():
     pass
 bye()
 """
+
+
+_locks = {}     # pid -> this ckpt's fd of the tracking's lock file, flock'ed
+
+
+class TrackingBusy(TargetError):
+    pass
+
+
+def lock(pid):
+    """Take the lock of process pid's kept tracking for as long as this ckpt runs: two dumps or
+    rollbacks scanning one tracking at once would each take the other's written pages for
+    their own (a scan re-arms them). Refused, naming it, when another ckpt holds it."""
+    if pid in _locks:
+        return
+    os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(STATE_DIR, "%d.lock" % pid), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise TrackingBusy("process %d: another ckpt is using its kept tracking (a dump or a rollback); "
+                           "try again once it is done" % pid) from None
+    _locks[pid] = fd
+
+
+def unlock(pid):
+    """Let go of the lock of process pid's kept tracking (see lock), if this ckpt holds it."""
+    fd = _locks.pop(pid, None)
+    if fd is not None:
+        os.close(fd)
 
 
 def state_path(pid):
@@ -139,7 +172,9 @@ class Held:
 
     def take_uffd(self):
         """A new fd of ckpt's own on the held userfaultfd (pidfd_getfd from the holder); the
-        caller closes it (closing it lifts nothing: the holder keeps its own)."""
+        caller closes it (closing it lifts nothing: the holder keeps its own). One ckpt at a
+        time: the tracking's lock is taken first (see lock)."""
+        lock(self.pid)
         pidfd = self._holder_pidfd()
         try:
             fd = lib.ck_pidfd_getfd(pidfd, self.uffd_fd)
@@ -166,6 +201,8 @@ class Held:
         then the holder stopped (its uffd closed) and the state file removed."""
         try:
             fd = self.take_uffd()
+        except TrackingBusy:
+            raise
         except TargetError:
             fd = None
         if fd is not None:
@@ -197,6 +234,12 @@ class Held:
             finally:
                 os.close(pidfd)
         _remove_state(self.pid, self.holder)
+        if self.pid in _locks:      # ours: the lock file goes with the tracking
+            try:
+                os.unlink(os.path.join(STATE_DIR, "%d.lock" % self.pid))
+            except OSError:
+                pass
+            unlock(self.pid)
 
 
 def find(pid):

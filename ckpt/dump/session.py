@@ -268,6 +268,8 @@ class Dump:
             os.close(self.pidfd)
             for m in self.members.values():
                 m.close()
+            for pid in list(self.members) + [self.pid]:
+                keep.unlock(pid)
 
     def _target_exited(self):
         """Whether the target has exited (or is exiting) since the dump began: its pidfd (taken

@@ -116,6 +116,8 @@ class Rollback:
                 return self._run()
             finally:
                 os.close(self.pidfd)
+                from ckpt.dump import keep
+                keep.unlock(self.pid)
         finally:
             self.plan.close()
 
