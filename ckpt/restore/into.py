@@ -320,9 +320,7 @@ class Rollback:
         if self.tracking:
             untracked, runs = self.tracker.written(tracked)
             if untracked:       # registered no more (replaced since): compared whole
-                self.tracking_lost = True
                 runs += self._candidates(untracked)
-            self.candidates_live = runs
         else:
             self.tracker.written(tracked)      # protection (re)armed from now: later writes flagged
             runs = self._candidates(tracked)
@@ -541,9 +539,8 @@ class Rollback:
         b.kept = _merge([(v.start, v.end) for v in kept])    # mapped and filled around what is kept
         b._map_layout()
         opened = list(b.opened_fds)
-        # the mappings made again are tracked too: what the kernel writes into memory while
-        # ckpt injects calls (a thread's rseq area, updated on every return to user space) is
-        # caught by the last scan below, wherever it lies
+        # the mappings made again are registered too: the tracking (kept by a holder, or the
+        # next rollback's) covers the whole of the image's layout
         if again:
             ar = [(m["start"], m["end"]) for m in again]
             made = [v for v in procfs.read_maps(pid) if v.kind in ("anon", "file-private")
@@ -974,17 +971,6 @@ def _in(merged, p):
 
 def _merge(ranges):
     return [tuple(r) for r in copymod.merge_ranges(ranges)]
-
-
-def _spans(runs, gap=4 << 20):
-    """(start, end) spans covering the runs, joined across gaps up to `gap` bytes."""
-    out = []
-    for a, n in sorted(runs):
-        if out and a - out[-1][1] <= gap:
-            out[-1][1] = max(out[-1][1], a + n)
-        else:
-            out.append([a, a + n])
-    return [tuple(x) for x in out]
 
 
 def _check_written(runs, status):
