@@ -570,19 +570,8 @@ class ChainReader:
         r, rs = self._split(seq)
         return r.extent_bytes((s, e, rs, off), lo, hi, check)
 
-    def page_bytes(self, space=None):
-        total = zero = 0
-        for s, e, seq, _ in self.extents(space):
-            n = (e - s) // self.page_size
-            total += n
-            if self.is_zero(seq):
-                zero += n
-        return total, zero
-
-    def iter_content(self):
-        for x in self.extents():
-            data = self.extent_bytes(x, x[0], x[1])
-            yield x[0], bytes(x[1] - x[0]) if data is None else bytes(data)
+    page_bytes = ImageReader.page_bytes       # both work on extents(), is_zero() and extent_bytes()
+    iter_content = ImageReader.iter_content
 
 
 def open_parents(top, path=None):
