@@ -150,9 +150,10 @@ def test_refused_another_pid_not_running_bad_image(procs, tmp_path):
     _running_on(b, reader, COMPUTE[-1])
 
 
-def test_refused_other_program_after_exec(procs, tmp_path):
-    """A process that exec()ed another program since the snapshot is refused, untouched."""
-    sh = subprocess.Popen(["sh", "-c", "read x; exec sleep 1000"], stdin=subprocess.PIPE, start_new_session=True)
+def _refused_after(tmp_path, script, changed, message):
+    """A shell snapshotted while it waits for a line; given it, it runs the rest of `script`;
+    once changed(pid) holds, a rollback is refused with `message`, the shell left untouched."""
+    sh = subprocess.Popen(["sh", "-c", "read x; " + script], stdin=subprocess.PIPE, start_new_session=True)
     try:
         time.sleep(0.2)
         img = tmp_path / "sh"
@@ -160,36 +161,26 @@ def test_refused_other_program_after_exec(procs, tmp_path):
         sh.stdin.write(b"go\n")
         sh.stdin.flush()
         deadline = time.monotonic() + WAIT
-        while os.readlink("/proc/%d/exe" % sh.pid).endswith("sh"):
+        while not changed(sh.pid):
             assert time.monotonic() < deadline
             time.sleep(0.01)
         rc, _, err = run_ckpt("restore", img, "--into", sh.pid)
-        assert rc != 0 and "not the image's program" in one_line_error(err)
-        assert alive(sh.pid) and _tracer(sh.pid) == 0
-    finally:
-        sh.kill()
-        sh.wait(timeout=WAIT)
-
-
-def test_refused_children(procs, tmp_path):
-    """A process with children (forked since) is refused: they would be left behind."""
-    sh = subprocess.Popen(["sh", "-c", "read x; sleep 1000 & read y"], stdin=subprocess.PIPE, start_new_session=True)
-    try:
-        time.sleep(0.2)
-        img = tmp_path / "sh"
-        dump(sh.pid, img, "--leave-running")
-        sh.stdin.write(b"go\n")
-        sh.stdin.flush()
-        deadline = time.monotonic() + WAIT
-        while not _children(sh.pid):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        rc, _, err = run_ckpt("restore", img, "--into", sh.pid)
-        assert rc != 0 and "has children" in one_line_error(err)
+        assert rc != 0 and message in one_line_error(err)
         assert alive(sh.pid) and _tracer(sh.pid) == 0
     finally:
         os.killpg(sh.pid, signal.SIGKILL)
         sh.wait(timeout=WAIT)
+
+
+def test_refused_other_program_after_exec(procs, tmp_path):
+    """A process that exec()ed another program since the snapshot is refused, untouched."""
+    _refused_after(tmp_path, "exec sleep 1000", lambda pid: not os.readlink("/proc/%d/exe" % pid).endswith("sh"),
+                   "not the image's program")
+
+
+def test_refused_children(procs, tmp_path):
+    """A process with children (forked since) is refused: they would be left behind."""
+    _refused_after(tmp_path, "sleep 1000 & read y", _children, "has children")
 
 
 def test_interrupted_before_the_freeze_leaves_it_as_it_was(procs, tmp_path):
