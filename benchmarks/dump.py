@@ -93,6 +93,18 @@ def top_cpu(n=3):
     return rows[:n]
 
 
+def run_header(title, started, mach, command, elapsed, code, busy0, top0):
+    """The heading and the first lines of a benchmark's report: when, on what, which code, how
+    busy the machine was before the run."""
+    print("## %s, %s" % (title, started.strftime("%Y-%m-%d %H:%M %Z")))
+    print()
+    print("- machine: %s, %d CPUs (nproc), %.1f GiB RAM, kernel %s, Python %s"
+          % (mach["cpu"], mach["nproc"], mach["mem_gib"], mach["kernel"], mach["python"]))
+    print("- command: `%s` (took %.0f s)" % (command, elapsed))
+    print("- ckpt measured: %s" % code)
+    print("- CPU busy before the run: %.0f%% (top: %s)" % (busy0 * 100, "; ".join(top0[:2])))
+
+
 def code_identity():
     """Which ckpt is measured: the git commit of REPO (and whether its tree differs), if any."""
     try:
@@ -520,13 +532,7 @@ def main(argv=None):
         shutil.rmtree(images, ignore_errors=True)
     elapsed = (datetime.datetime.now().astimezone() - started).total_seconds()
 
-    print("## ckpt dump: live (async) against stop-the-world, %s" % started.strftime("%Y-%m-%d %H:%M %Z"))
-    print()
-    print("- machine: %s, %d CPUs (nproc), %.1f GiB RAM, kernel %s, Python %s"
-          % (mach["cpu"], mach["nproc"], mach["mem_gib"], mach["kernel"], mach["python"]))
-    print("- command: `%s` (took %.0f s)" % (command, elapsed))
-    print("- ckpt measured: %s" % code)
-    print("- CPU busy before the run: %.0f%% (top: %s)" % (busy0 * 100, "; ".join(top0[:2])))
+    run_header("ckpt dump: live (async) against stop-the-world", started, mach, command, elapsed, code, busy0, top0)
     for line in a.note:
         print("- %s" % line)
     print("- each dump: `python3 -m ckpt dump PID -o IMG --leave-running --json --compress %s "

@@ -42,7 +42,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from dump import code_identity, cpu_busy, machine, top_cpu  # noqa: E402
+from dump import code_identity, cpu_busy, machine, run_header, top_cpu  # noqa: E402
 
 WRITER_C = os.path.join(REPO, "ckpt", "data", "writer.c")
 PAGE = 4096
@@ -372,13 +372,8 @@ def main(argv=None):
         shutil.rmtree(tmp, ignore_errors=True)
     elapsed = (datetime.datetime.now().astimezone() - started).total_seconds()
 
-    print("## ckpt restore --into (rollback) against a fresh restore, %s" % started.strftime("%Y-%m-%d %H:%M %Z"))
-    print()
-    print("- machine: %s, %d CPUs (nproc), %.1f GiB RAM, kernel %s, Python %s"
-          % (mach["cpu"], mach["nproc"], mach["mem_gib"], mach["kernel"], mach["python"]))
-    print("- command: `%s` (took %.0f s)" % (command, elapsed))
-    print("- ckpt measured: %s" % code)
-    print("- CPU busy before the run: %.0f%% (top: %s)" % (busy0 * 100, "; ".join(top0[:2])))
+    run_header("ckpt restore --into (rollback) against a fresh restore", started, mach, command, elapsed, code, busy0,
+               top0)
     print("- target: ckpt/data/writer.c `writer %d 0 0 ctl` (%d MiB of stamped pages, one thread, nothing "
           "written but on command); after each snapshot (`ckpt dump --leave-running [--keep-tracking]`) it "
           "stamps every 100th page (1%%) or every 10th (10%%), then `ckpt restore IMG --into PID --json`; "
