@@ -244,11 +244,11 @@ class Run:
             self.locked.append(pid)
         return json.loads(out), secs, t0, t1
 
-    def restore(self, image, tag="restore"):
-        """`ckpt restore IMAGE --json --pidfile F`. The restored process is adopted (killed at the
-        end). Returns (result dict, seconds)."""
+    def restore(self, image, tag="restore", extra=()):
+        """`ckpt restore IMAGE --json --pidfile F [EXTRA]`. The restored process is adopted (killed
+        at the end). Returns (result dict, seconds)."""
         pidfile = self.path(tag + ".pid")
-        rc, out, err, secs = self.ckpt("restore", image, "--json", "--pidfile", pidfile, tag=tag)
+        rc, out, err, secs = self.ckpt("restore", image, "--json", "--pidfile", pidfile, *extra, tag=tag)
         if os.path.exists(pidfile):
             with open(pidfile) as f:
                 self.adopt(int(f.read().strip()))

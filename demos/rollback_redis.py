@@ -211,18 +211,7 @@ def rollback(run, image, pid, k):
 def full_restore(run, image):
     """`ckpt restore IMAGE --json --tcp-close --pidfile F`: the restored process is adopted.
     --tcp-close: the connections of the snapshot, gone by now, come back closed."""
-    pidfile = run.path("restore-full.pid")
-    rc, out, err, secs = run.ckpt("restore", image, "--json", "--tcp-close", "--pidfile", pidfile,
-                                  tag="restore-full")
-    if os.path.exists(pidfile):
-        with open(pidfile) as f:
-            run.adopt(int(f.read().strip()))
-    if rc != 0:
-        raise DemoError("`ckpt restore %s` failed (exit %d): %s" % (os.path.basename(image), rc,
-                                                                   err.strip() or out.strip()))
-    res = json.loads(out)
-    run.adopt(res["pid"])
-    return res, secs
+    return run.restore(image, tag="restore-full", extra=("--tcp-close",))
 
 
 # ---------------------------------------------------------------------- the demo

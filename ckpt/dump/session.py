@@ -33,7 +33,7 @@ from ckpt.kernel import features, pagemap, procfs
 from ckpt.kernel.native import PAGE_SIZE
 from ckpt.kernel.ptrace import find_syscall_insn, sigchld_blocked
 from ckpt.kernel.uffd import USER_MODE_ONLY
-from ckpt.state import parts
+from ckpt.state import parts, threads
 from ckpt.state.inject import Injector
 from ckpt.state.process import exe_identity, process_calls, process_record, refuse_namespaces
 from ckpt.state.threads import dump_threads
@@ -784,7 +784,8 @@ class Dump:
         untracked, runs = m.tracker.final(tracked)
         # each thread's rseq area, which the kernel updates on every return to user space (the
         # state's injected calls make some): copied again, wherever the scan saw it
-        runs = runs + _rseq_runs(m.records[1], tracked)
+        runs = runs + [(p, PAGE_SIZE) for p in threads.rseq_pages(m.records[1])
+                       if any(v.start <= p < v.end for v in tracked)]
         # what could not be protected cleanly in the last round is copied whole too
         untracked += [v for v in tracked if any(s.start < v.end and s.end > v.start for s in m.suspect)]
         if self.opts.keep_tracking and m is self.root:
@@ -886,21 +887,6 @@ class Dump:
             self.writer.abort()
         if errors:
             raise errors[0]
-
-
-def _rseq_runs(thread_records, vmas):
-    """The pages of the threads' rseq areas that lie in these mappings, as (addr, length) runs."""
-    out = []
-    for t in thread_records:
-        rs = t.get("rseq")
-        if not rs or not rs.get("ptr"):
-            continue
-        first = rs["ptr"] & ~(PAGE_SIZE - 1)
-        last = (rs["ptr"] + max(rs.get("size") or 32, 32) - 1) & ~(PAGE_SIZE - 1)
-        for p in range(first, last + PAGE_SIZE, PAGE_SIZE):
-            if any(v.start <= p < v.end for v in vmas):
-                out.append((p, PAGE_SIZE))
-    return out
 
 
 def _joins(pid):

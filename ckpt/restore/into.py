@@ -41,7 +41,7 @@ from ckpt.dump.freeze import Freezer, check_target, steal_uffd
 from ckpt.dump.tracker import AsyncTracker
 from ckpt.dump.verify import CHUNK, _Expected, verify_frozen
 from ckpt.errors import CkptError, RestoreError, TargetError, TargetGone
-from ckpt.files.base import TreeObjects
+from ckpt.files.base import TreeObjects, _run_all
 from ckpt import files
 from ckpt.kernel import features, pagemap, procfs, sysno
 from ckpt.kernel.memio import first_diff_page
@@ -640,14 +640,9 @@ class Rollback:
         (their arguments and results live in the scratch area). --verify checks exactly that."""
         cov = _coverage(self.tracker)
         tracked = [v for v in procfs.read_maps(self.pid) if v.kind in ("anon", "file-private") and cov(v)]
-        pages = set()
-        for t in self.plan.threads:
-            rs = t.get("rseq")
-            if rs and rs.get("ptr"):
-                first = rs["ptr"] & ~(PAGE_SIZE - 1)
-                pages.update(range(first, rs["ptr"] + max(rs.get("size", 32), 32), PAGE_SIZE))
         write, drop = _Pages(), set()
-        self._compare(tracked, _page_runs(pages), into=(write, drop), count=False)
+        self._compare(tracked, _page_runs(threads.rseq_pages(self.plan.threads), ordered=True),
+                      into=(write, drop), count=False)
         self._write_pages(r, write, drop, tracked)
         return len(write) + len(drop)
 
@@ -804,16 +799,7 @@ class Rollback:
             tr.disarm()
 
     def _abandon(self):
-        errors = []
-        for step in ((self.freezer.thaw if self.freezer else None), self._untrack):
-            if step is None:
-                continue
-            try:
-                step()
-            except Exception as e:
-                errors.append(e)
-        if errors:
-            raise errors[0]
+        _run_all(([self.freezer.thaw] if self.freezer else []) + [self._untrack])
 
     def _kill(self):
         try:

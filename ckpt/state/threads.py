@@ -11,7 +11,7 @@ import struct
 from ptrace.error import PtraceError
 
 from ckpt.kernel import procfs
-from ckpt.kernel.native import ffi, lib
+from ckpt.kernel.native import PAGE_SIZE, ffi, lib
 from ckpt.kernel.ptrace import _call, regs_to_dict, user_regs_struct
 from ckpt.state.inject import Out, u64
 
@@ -89,6 +89,18 @@ def dump_threads(tracees, injector, extra=None):
             sp, flags, _, size = struct.unpack_from("<QiiQ", alt)
             d["altstack"] = {"sp": sp, "flags": flags, "size": size}
     return (out, more) if extra else out
+
+
+def rseq_pages(thread_records):
+    """The pages holding the threads' rseq areas, which the kernel rewrites (cpu_id ...) on every
+    return to user space, injected calls' too: what ckpt copies or compares last."""
+    pages = set()
+    for t in thread_records:
+        rs = t.get("rseq")
+        if rs and rs.get("ptr"):
+            first = rs["ptr"] & ~(PAGE_SIZE - 1)
+            pages.update(range(first, rs["ptr"] + max(rs.get("size") or 32, 32), PAGE_SIZE))
+    return sorted(pages)
 
 
 # ---------------------------------------------------------------------------- restore half
