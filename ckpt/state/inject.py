@@ -83,18 +83,7 @@ class Injector:
                     saved = bytearray(SCRATCH)
                     self._io(self.mem.read_runs, scratch, saved)
                     scratches.append((scratch, saved))
-                placed, slots, off = [], [], 0
-                for nr, args in calls:
-                    real, slot = [], None
-                    for a in args:
-                        if isinstance(a, Out):
-                            slot = (off, a.size)
-                            real.append(scratch + off)
-                            off += a.size
-                        else:
-                            real.append(a)
-                    placed.append((nr, real))
-                    slots.append(slot)
+                placed, slots, _ = _place(calls, lambda off, scratch=scratch: scratch + off)
                 prepared.append((tracee, placed, slots, scratch))
             results = inject_parallel(self.insn, [(t, placed) for t, placed, _, _ in prepared])
             out = []
@@ -113,18 +102,7 @@ class Injector:
         n = len(jobs)
         prepared, slots_of = [], []
         for j, (tracee, calls) in enumerate(jobs):
-            placed, slots, off = [], [], 0
-            for nr, args in calls:
-                real, slot = [], None
-                for a in args:
-                    if isinstance(a, Out):
-                        slot = (off, a.size)
-                        real.append(self.blob.data_addr(j, off, n))
-                        off += a.size
-                    else:
-                        real.append(a)
-                placed.append((nr, real))
-                slots.append(slot)
+            placed, slots, off = _place(calls, lambda o, j=j: self.blob.data_addr(j, o, n))
             prepared.append((tracee, placed))
             slots_of.append((slots, off))
         if max(size for _, size in slots_of) > self.blob.data_room(n):
@@ -145,6 +123,25 @@ class Injector:
         st = op([(addr, len(buf))], buf)
         if st[0]:
             raise OSError(st[0], "scratch area at %#x of the target's stack" % addr)
+
+
+def _place(calls, addr_of):
+    """Calls with their Out arguments given room: the n-th byte of room is at addr_of(n).
+    Returns (the calls with addresses, per call its (offset, size) output slot or None, the
+    room used)."""
+    placed, slots, off = [], [], 0
+    for nr, args in calls:
+        real, slot = [], None
+        for a in args:
+            if isinstance(a, Out):
+                slot = (off, a.size)
+                real.append(addr_of(off))
+                off += a.size
+            else:
+                real.append(a)
+        placed.append((nr, real))
+        slots.append(slot)
+    return placed, slots, off
 
 
 def u64(data):
